@@ -1,0 +1,122 @@
+"""The inverse-Fisher engine against a dense NumPy (float64) inverse."""
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+
+from tf_woodfisher._keras import tf
+from tf_woodfisher.fisher import BlockPartition, CholeskyError, InverseFisher
+from tf_woodfisher.fisher.woodbury import choose_form
+
+
+def dense_reference(gradients, partition, damping):
+    """diag(F⁻¹) and F⁻¹ as dense float64 arrays, block by block."""
+    g = gradients.astype(np.float64)
+    m, d = g.shape
+    inverse = np.zeros((d, d))
+    for group in partition.groups:
+        for idx in group.indices:
+            block = g[:, idx]
+            fisher = damping * np.eye(len(idx)) + block.T @ block / m
+            inverse[np.ix_(idx, idx)] = np.linalg.inv(fisher)
+    return np.diag(inverse).copy(), inverse
+
+
+def relative_error(actual, expected):
+    return np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+
+
+def gradient_matrix(rng, m, d, scale=0.05):
+    # Realistic per-sample gradients: mostly small, a few large coordinates, some dead (zero) columns.
+    g = rng.normal(0.0, scale, size=(m, d)) * rng.lognormal(0.0, 1.0, size=(1, d))
+    g[:, rng.random(d) < 0.1] = 0.0
+    return g.astype(np.float32)
+
+
+CASES = list(itertools.product(
+    [5, 64, 200],                # m
+    [None, 7, 50, 300, "model"],   # block size (7 and 50 do not divide the segments)
+    [1e-5, 1e-3, 1e-1],          # damping λ
+))
+
+
+@pytest.mark.parametrize("m,block_size,damping", CASES)
+def test_float32_matches_dense_inverse(m, block_size, damping):
+    rng = np.random.default_rng(m * 1000 + (block_size if isinstance(block_size, int) else 1))
+    segments = [123, 300, 41]
+    g = gradient_matrix(rng, m, sum(segments))
+    partition = BlockPartition.from_segments(segments, block_size)
+    inv = InverseFisher.from_gradients(g, partition, damping)
+    diag_ref, dense = dense_reference(g, partition, damping)
+    assert relative_error(inv.diagonal().numpy(), diag_ref) <= 1e-4
+    v = rng.normal(size=partition.dim).astype(np.float32)
+    assert relative_error(inv.matvec(v).numpy(), dense @ v) <= 1e-4
+
+
+@pytest.mark.parametrize("form", ["lowrank", "explicit"])
+def test_both_forms_agree_with_reference_in_float64(form):
+    rng = np.random.default_rng(1)
+    g = gradient_matrix(rng, 40, 260, scale=1.0)  # ill-conditioned for float32 at λ = 1e-6
+    partition = BlockPartition.from_segments([100, 160], 30)
+    inv = InverseFisher.from_gradients(g, partition, 1e-6, dtype=tf.float64, form=form)
+    diag_ref, dense = dense_reference(g, partition, 1e-6)
+    assert inv.diagonal().dtype == tf.float64
+    assert relative_error(inv.diagonal().numpy(), diag_ref) <= 1e-9
+    v = rng.normal(size=260)
+    assert relative_error(inv.matvec(v).numpy(), dense @ v) <= 1e-9
+
+
+def test_form_is_chosen_by_cost():
+    assert choose_form(100, 1000) == "lowrank"
+    assert choose_form(100, 20) == "explicit"
+    rng = np.random.default_rng(2)
+    partition = BlockPartition.from_segments([500, 30], None)
+    inv = InverseFisher.from_gradients(gradient_matrix(rng, 64, 530), partition, 1e-3)
+    assert {(c, form) for c, _, form, _ in inv.forms} == {(500, "lowrank"), (30, "explicit")}
+
+
+def test_partition_chunks_and_groups():
+    partition = BlockPartition.from_segments([10, 7], 4)
+    # Chunks never cross a segment: [0..3] [4..7] [8,9] | [10..13] [14,15,16].
+    sizes = sorted((g.block_size, g.num_blocks) for g in partition.groups)
+    assert sizes == [(2, 1), (3, 1), (4, 3)]
+    covered = np.concatenate([g.indices.ravel() for g in partition.groups])
+    assert sorted(covered.tolist()) == list(range(17))
+    assert BlockPartition.from_segments([10, 7], "model").num_blocks == 1
+    assert BlockPartition.from_segments([10, 7]).max_block_size == 10
+    with pytest.raises(ValueError, match="block_size"):
+        BlockPartition.from_segments([10], 0)
+    with pytest.raises(ValueError, match="segment sizes"):
+        BlockPartition.from_segments([])
+
+
+def test_bad_damping_and_shapes():
+    partition = BlockPartition.from_segments([4])
+    g = np.ones((3, 4), np.float32)
+    for bad in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="damping"):
+            InverseFisher.from_gradients(g, partition, bad)
+    with pytest.raises(ValueError, match="columns"):
+        InverseFisher.from_gradients(np.ones((3, 5), np.float32), partition, 1e-3)
+    with pytest.raises(ValueError, match="dtype"):
+        InverseFisher.from_gradients(g, partition, 1e-3, dtype=tf.float16)
+
+
+def test_cholesky_failure_retries_with_more_damping():
+    # Rank-1 gradients: at λ = 1e-12 float32 Cholesky of mλI + GGᵀ is not positive definite.
+    g = np.tile(np.float32([[1.0, -1.0, 0.3, 0.5]]), (20, 10))
+    partition = BlockPartition.from_segments([40])
+    with pytest.warns(RuntimeWarning, match="retrying with damping"):
+        inv = InverseFisher.from_gradients(g, partition, 1e-12, form="explicit")
+    (_, _, _, used_damping), = inv.forms
+    assert used_damping > 1e-12
+    assert np.all(np.isfinite(inv.diagonal().numpy()))
+
+
+def test_cholesky_failure_gives_clear_error_when_retries_exhausted():
+    g = np.full((4, 6), np.nan, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CholeskyError, match="float64 or a larger damping"):
+            InverseFisher.from_gradients(g, BlockPartition.from_segments([6]), 1e-3)

@@ -1,0 +1,3 @@
+"""The numerical core: per-sample gradients, block partitions and the inverse empirical Fisher."""
+from tf_woodfisher.fisher.blocks import BlockPartition  # noqa: F401
+from tf_woodfisher.fisher.woodbury import CholeskyError, InverseFisher  # noqa: F401

@@ -1,0 +1,183 @@
+"""The inverse of a block-diagonal empirical Fisher, F = λI + (1/m) GᵀG per block.
+
+For each block, with G (m × c) the block's columns of the m gradients:
+
+* low-rank (Woodbury) form, cheaper when c > m: with K = mλI + GGᵀ = LLᵀ (m × m),
+  F⁻¹ = (I − Gᵀ K⁻¹ G)/λ, so diag(F⁻¹) = (1 − ‖L⁻¹G‖²_col)/λ and F⁻¹v = (v − Gᵀ K⁻¹ G v)/λ;
+* explicit form, cheaper when c ≲ m: Cholesky of the c × c matrix F and its inverse.
+
+The low-rank diagonal 1 − ‖L⁻¹g‖² cancels when c ≈ m (every column lies near the span of the
+gradients), so the low-rank form is used only for c ≥ 2m, where it is also the cheaper one; the
+form is chosen per group of equal-size blocks, and each group is one batched,
+``tf.function``-compiled computation. Nothing here knows about Keras.
+"""
+import dataclasses
+import warnings
+
+import numpy as np
+
+from tf_woodfisher._keras import tf
+from tf_woodfisher.fisher.blocks import BlockPartition
+
+MAX_DAMPING_RETRIES = 3
+DAMPING_RETRY_FACTOR = 100.0
+
+
+def lowrank_flops(m, c):
+    """Flops per block of the low-rank form: GGᵀ, Cholesky of K, L⁻¹G."""
+    return 2 * m * m * c + m ** 3 / 3 + m * m * c
+
+
+def explicit_flops(m, c):
+    """Flops per block of the explicit form: GᵀG, Cholesky of F, F⁻¹ from the factor."""
+    return 2 * c * c * m + c ** 3 / 3 + 2 * c ** 3
+
+
+def choose_form(m, c):
+    """'lowrank' for c ≥ 2m (fewer flops and no cancellation), else 'explicit'."""
+    return "lowrank" if c >= 2 * m and lowrank_flops(m, c) < explicit_flops(m, c) else "explicit"
+
+
+@tf.function(reduce_retracing=True)
+def _lowrank_factor(blocks, damping):
+    """blocks (K, m, c) → Cholesky factors L (K, m, m) of mλI + GGᵀ and diag(F⁻¹) (K, c)."""
+    m = tf.shape(blocks)[1]
+    gram = tf.matmul(blocks, blocks, transpose_b=True)
+    eye = tf.eye(m, batch_shape=[1], dtype=blocks.dtype)
+    factor = tf.linalg.cholesky(gram + tf.cast(m, blocks.dtype) * damping * eye)
+    whitened = tf.linalg.triangular_solve(factor, blocks, lower=True)
+    return factor, (1.0 - tf.reduce_sum(tf.square(whitened), axis=1)) / damping
+
+
+@tf.function(reduce_retracing=True)
+def _lowrank_matvec(blocks, factor, damping, vectors):
+    """F⁻¹v for each block: blocks (K, m, c), factor (K, m, m), vectors (K, c) → (K, c)."""
+    projected = tf.einsum("kmc,kc->km", blocks, vectors)[..., None]
+    solved = tf.linalg.cholesky_solve(factor, projected)[..., 0]
+    return (vectors - tf.einsum("kmc,km->kc", blocks, solved)) / damping
+
+
+@tf.function(reduce_retracing=True)
+def _explicit_inverse(blocks, damping):
+    """blocks (K, m, c) → F⁻¹ (K, c, c) with F = λI + GᵀG/m."""
+    m = tf.cast(tf.shape(blocks)[1], blocks.dtype)
+    c = tf.shape(blocks)[2]
+    eye = tf.eye(c, batch_shape=[1], dtype=blocks.dtype)
+    fisher = tf.matmul(blocks, blocks, transpose_a=True) / m + damping * eye
+    factor = tf.linalg.cholesky(fisher)
+    return tf.linalg.cholesky_solve(factor, tf.broadcast_to(eye, tf.shape(fisher)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _SolvedGroup:
+    form: str  # 'lowrank' or 'explicit'
+    damping: float
+    blocks: tf.Tensor  # (K, m, c) for 'lowrank', unused (None) for 'explicit'
+    factor: tf.Tensor  # (K, m, m) Cholesky factor, or (K, c, c) explicit inverse
+    diagonal: tf.Tensor  # (K, c)
+
+
+class CholeskyError(RuntimeError):
+    """A block's Cholesky factorisation failed even after raising the damping."""
+
+
+class InverseFisher:
+    """diag(F⁻¹) and v ↦ F⁻¹v for a block-diagonal empirical Fisher.
+
+    Build with :meth:`from_gradients`. Vectors are flat, of length d, in the gradients' column order.
+    """
+
+    def __init__(self, partition, groups, dtype):
+        self.partition = partition
+        self._groups = groups
+        self.dtype = dtype
+        self._inverse_order = tf.constant(partition.inverse_order)
+
+    @classmethod
+    def from_gradients(cls, gradients, partition, damping, dtype=tf.float32, form="auto", on_group=None):
+        """Factorise every block of F = λI + (1/m) GᵀG.
+
+        gradients: (m, d) tensor, one gradient per row. partition: a :class:`BlockPartition` of d.
+        damping: λ > 0. dtype: float32 (default) or float64. form: 'auto', 'lowrank' or 'explicit'.
+        on_group: optional callable invoked after each group (progress reporting).
+        """
+        dtype = tf.as_dtype(dtype)
+        if dtype not in (tf.float32, tf.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype.name}")
+        if not (np.isfinite(damping) and damping > 0):
+            raise ValueError(f"damping must be a finite number > 0, got {damping}")
+        if form not in ("auto", "lowrank", "explicit"):
+            raise ValueError(f"form must be 'auto', 'lowrank' or 'explicit', got {form!r}")
+        gradients = tf.convert_to_tensor(gradients, dtype=dtype)
+        m, d = gradients.shape
+        if d != partition.dim:
+            raise ValueError(f"gradients have {d} columns but the partition covers {partition.dim}")
+        if m < 1:
+            raise ValueError("need at least one gradient")
+        solved = []
+        for group in partition.groups:
+            blocks = tf.transpose(tf.gather(gradients, group.indices, axis=1), [1, 0, 2])
+            group_form = choose_form(m, group.block_size) if form == "auto" else form
+            solved.append(_solve_group(blocks, group_form, float(damping), dtype))
+            if on_group is not None:
+                on_group()
+        return cls(partition, tuple(solved), dtype)
+
+    @property
+    def forms(self):
+        """The form used for each group, as (block_size, num_blocks, form, damping) tuples."""
+        return [(g.diagonal.shape[1], g.diagonal.shape[0], g.form, g.damping) for g in self._groups]
+
+    def diagonal(self):
+        """diag(F⁻¹), shape (d,)."""
+        return self._to_flat([g.diagonal for g in self._groups])
+
+    def matvec(self, vector):
+        """F⁻¹v for a flat vector v of shape (d,); returns shape (d,)."""
+        vector = tf.convert_to_tensor(vector, dtype=self.dtype)
+        results = []
+        for group, solved in zip(self.partition.groups, self._groups):
+            pieces = tf.gather(vector, group.indices)
+            if solved.form == "lowrank":
+                damping = tf.constant(solved.damping, self.dtype)
+                results.append(_lowrank_matvec(solved.blocks, solved.factor, damping, pieces))
+            else:
+                results.append(tf.linalg.matvec(solved.factor, pieces))
+        return self._to_flat(results)
+
+    def _to_flat(self, per_group):
+        flat = tf.concat([tf.reshape(t, [-1]) for t in per_group], axis=0)
+        return tf.gather(flat, self._inverse_order)
+
+
+def _solve_group(blocks, form, damping, dtype):
+    for attempt in range(MAX_DAMPING_RETRIES + 1):
+        try:
+            damping_t = tf.constant(damping, dtype)
+            if form == "lowrank":
+                factor, diagonal = _lowrank_factor(blocks, damping_t)
+                result = _SolvedGroup(form, damping, blocks, factor, diagonal)
+            else:
+                inverse = _explicit_inverse(blocks, damping_t)
+                result = _SolvedGroup(form, damping, None, inverse, tf.linalg.diag_part(inverse))
+            if bool(tf.reduce_all(tf.math.is_finite(result.diagonal))) and bool(tf.reduce_all(result.diagonal > 0)):
+                return result
+            reason = "non-finite or non-positive diagonal of the inverse"
+        except tf.errors.InvalidArgumentError as error:
+            reason = str(error).splitlines()[0]
+        if attempt == MAX_DAMPING_RETRIES:
+            break
+        warnings.warn(
+            f"Cholesky factorisation of a {form} Fisher block group {tuple(blocks.shape)} failed at damping "
+            f"{damping:g} ({reason}); retrying with damping {damping * DAMPING_RETRY_FACTOR:g}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        damping *= DAMPING_RETRY_FACTOR
+    raise CholeskyError(
+        f"Cholesky factorisation of a {form} Fisher block group {tuple(blocks.shape)} failed even at damping "
+        f"{damping:g}: the gradients are ill-conditioned; use dtype=float64 or a larger damping"
+    )
+
+
+__all__ = ["InverseFisher", "BlockPartition", "CholeskyError", "choose_form"]

@@ -1,0 +1,107 @@
+"""Pruning scores, the choice of pruned weights, and the OBS / WoodTaylor weight update.
+
+All vectors are flat, of length d (the prunable weights in layer order). Scores estimate the
+increase of the loss caused by removing a weight, in loss units:
+
+* ``magnitude``: ½w² (F = I);
+* ``diagonal_fisher``: ½w²·F_qq with F_qq = λ + mean(g_q²);
+* ``woodfisher``: ρ_q = w_q² / (2[F⁻¹]_qq), update δw = −F⁻¹u, u_q = w_q/[F⁻¹]_qq on the pruned set Q;
+* ``woodtaylor``: with r = F⁻¹ḡ (ḡ the mean gradient), ρ_q = (w_q − r_q)² / (2[F⁻¹]_qq),
+  update δw = −F⁻¹u − r, u_q = (w_q − r_q)/[F⁻¹]_qq on Q.
+"""
+import dataclasses
+
+import numpy as np
+
+from tf_woodfisher._keras import tf
+
+METHODS = ("magnitude", "diagonal_fisher", "woodfisher", "woodtaylor")
+MODES = ("global", "layerwise")
+
+
+def needs_gradients(method):
+    return method != "magnitude"
+
+
+def needs_inverse(method):
+    return method in ("woodfisher", "woodtaylor")
+
+
+@dataclasses.dataclass(frozen=True)
+class FisherStatistics:
+    """What the scores need from the gradients; fields a method does not use are None.
+
+    inverse: an ``InverseFisher``. fisher_diagonal: (d,) λ + mean(g²). mean_gradient: (d,) ḡ.
+    """
+
+    inverse: object = None
+    fisher_diagonal: tf.Tensor = None
+    mean_gradient: tf.Tensor = None
+
+    @classmethod
+    def from_gradients(cls, method, gradients, damping, inverse=None):
+        """Statistics of an (m, d) gradient matrix for ``method`` (``inverse`` built by the caller)."""
+        if method == "diagonal_fisher":
+            return cls(fisher_diagonal=damping + tf.reduce_mean(tf.square(gradients), axis=0))
+        if method == "woodtaylor":
+            return cls(inverse=inverse, mean_gradient=tf.reduce_mean(gradients, axis=0))
+        return cls(inverse=inverse)
+
+
+def _newton_offset(method, stats, dtype):
+    """r = F⁻¹ḡ for WoodTaylor, 0 otherwise."""
+    if method == "woodtaylor":
+        return tf.cast(stats.inverse.matvec(stats.mean_gradient), dtype)
+    return tf.zeros([], dtype)
+
+
+def importance_scores(method, weights, stats):
+    """(d,) scores; lower means cheaper to prune."""
+    weights = tf.convert_to_tensor(weights)
+    if method == "magnitude":
+        return 0.5 * tf.square(weights)
+    if method == "diagonal_fisher":
+        return 0.5 * tf.square(weights) * tf.cast(stats.fisher_diagonal, weights.dtype)
+    if method in ("woodfisher", "woodtaylor"):
+        shifted = weights - _newton_offset(method, stats, weights.dtype)
+        return tf.square(shifted) / (2.0 * tf.cast(stats.inverse.diagonal(), weights.dtype))
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+
+
+def updated_weights(method, weights, pruned, stats):
+    """Weights after the OBS (or WoodTaylor) correction for removing ``pruned`` (bool, (d,)).
+
+    Magnitude and diagonal Fisher make no correction (F diagonal: the update only zeroes Q).
+    The result is not masked: the caller multiplies by the new mask.
+    """
+    weights = tf.convert_to_tensor(weights)
+    if not needs_inverse(method):
+        return weights
+    offset = _newton_offset(method, stats, weights.dtype)
+    inverse_diagonal = tf.cast(stats.inverse.diagonal(), weights.dtype)
+    direction = tf.where(pruned, (weights - offset) / inverse_diagonal, tf.zeros_like(weights))
+    return weights - tf.cast(stats.inverse.matvec(direction), weights.dtype) - offset
+
+
+def select_pruned(scores, mask, segment_sizes, sparsity, mode):
+    """The new flat 0/1 mask (float32, (d,)) with the lowest scores removed.
+
+    Entries already pruned (mask 0) stay pruned. ``global``: round(sparsity·d) entries over all
+    segments; ``layerwise``: round(sparsity·n) entries in every segment of size n.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    scores = np.asarray(scores, dtype=np.float64).copy()
+    keep = np.asarray(mask) > 0
+    scores[~keep] = -np.inf
+    sizes = [scores.size] if mode == "global" else list(segment_sizes)
+    new_mask = np.ones_like(scores, dtype=np.float32)
+    start = 0
+    for size in sizes:
+        count = int(round(sparsity * size))
+        count = max(count, int((~keep[start:start + size]).sum()))
+        if count:
+            lowest = np.argpartition(scores[start:start + size], count - 1)[:count]
+            new_mask[start + lowest] = 0.0
+        start += size
+    return new_mask

@@ -220,6 +220,7 @@ def _compile(model):
     return model
 
 
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
 @pytest.mark.parametrize("fmt", ["keras", "h5", "checkpoint"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(rng, tmp_path, fmt):
     x = rng.standard_normal((80, 10)).astype(np.float32)

@@ -137,7 +137,7 @@ class GRDA(keras.optimizers.Optimizer):
         for grad, var in grads_and_vars:
             distribution.extended.update(var, self._update_if_finite, args=(grad, finite), group=False)
         return distribution.extended.update(
-            self.iterations, lambda step, ok: step.assign_add(1), args=(finite,), group=False
+            self.iterations, lambda step, ok: step.assign_add(tf.cast(ok, step.dtype)), args=(finite,), group=False
         )
 
     def _advance_threshold(self, threshold, finite):

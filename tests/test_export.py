@@ -2,11 +2,10 @@
 import numpy as np
 import pytest
 import tensorflow_model_optimization as tfmot
-from ai_edge_litert.interpreter import Interpreter
 
 import tf_woodfisher as tfw
 from tf_woodfisher._keras import keras, tf
-from tf_woodfisher.export import TFLiteVerificationError, _input_array, export_tflite
+from tf_woodfisher.export import Interpreter, TFLiteVerificationError, _input_array, export_tflite
 
 
 def prune_kernels(model, sparsity, block=1):
@@ -29,6 +28,7 @@ def copy_pruned(model, sparsity, block=1):
 
 
 def tflite_outputs(path, x):
+    """Outputs of the .tflite at ``path`` on ``x``, with the default delegates, as a user runs it."""
     interpreter = Interpreter(model_path=str(path))
     index = interpreter.get_input_details()[0]["index"]
     interpreter.resize_tensor_input(index, x.shape)
@@ -49,7 +49,8 @@ def mlp64(mnist_flat):
     """784 → 64 → 10, one epoch on the 5k training subset."""
     (x, y), _ = mnist_flat
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)])
+    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(64, activation="relu"),
+                              keras.layers.Dense(10)])
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=64, epochs=1, verbose=0)
     return model
@@ -72,7 +73,8 @@ def test_sparse_mlpnet_is_small_and_agrees_on_test_set(mlpnet90, mnist_flat, tmp
 def test_tfmot_wrapped_model_is_stripped(mlpnet_npz, mnist_flat, tmp_path):
     (x, y), (x_test, _) = mnist_flat
     schedule = tfmot.sparsity.keras.ConstantSparsity(0.9, begin_step=0, frequency=1)
-    wrapped = tfmot.sparsity.keras.prune_low_magnitude(tfw.models.mlpnet(mlpnet_npz), pruning_schedule=schedule)
+    wrapped = tfmot.sparsity.keras.prune_low_magnitude(tfw.models.mlpnet(mlpnet_npz),
+                                                       pruning_schedule=schedule)
     wrapped.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     wrapped.fit(x[:640], y[:640], batch_size=64, epochs=1, verbose=0,
                 callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
@@ -92,7 +94,8 @@ def test_dynamic_range_sparse_xnnpack_defect_is_caught(mlp64, mnist_flat, tmp_pa
     assert "the delegate is at fault" in str(error.value)
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one is left
     # The same conversion is fine on the builtin kernels, and dense dynamic-range is fine with XNNPACK.
-    builtin = export_tflite(model, path, quantization="dynamic", check_inputs=x_test[:500], default_delegates=False)
+    builtin = export_tflite(model, path, quantization="dynamic", check_inputs=x_test[:500],
+                            default_delegates=False)
     assert "no default delegates" in builtin.interpreter and builtin.argmax_agreement >= 0.95
     dense = export_tflite(model, path, quantization="dynamic", sparse=False, check_inputs=x_test[:500])
     assert dense.bytes == dense.dense_bytes and dense.argmax_agreement >= 0.95
@@ -110,7 +113,8 @@ def test_int8_full_quantization(mlp64, mlpnet90, mnist_flat, tmp_path):
                            representative_dataset=x[:500], check_inputs=x_test[:2000])
     assert sparse.argmax_agreement >= 0.97 and sparse.size_ratio <= 0.5
     with pytest.raises(TFLiteVerificationError, match="failed to prepare"):
-        export_tflite(mlpnet90, tmp_path / "sparse.tflite", quantization="int8", representative_dataset=x[:500])
+        export_tflite(mlpnet90, tmp_path / "sparse.tflite", quantization="int8",
+                      representative_dataset=x[:500])
 
 
 def test_input_forms():

@@ -92,7 +92,7 @@ def export_tflite(model, path, sparse=True, quantization=None, representative_da
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if quantization == "int8" and representative_dataset is None:
-        raise ValueError("quantization='int8' needs a representative_dataset of model inputs for calibration")
+        raise ValueError("quantization='int8' needs a representative_dataset of model inputs to calibrate on")
     model = _strip(model)
     rtol_default, agreement_default = DEFAULT_TOLERANCES[quantization]
     atol = DEFAULT_ATOL if atol is None else atol
@@ -100,7 +100,8 @@ def export_tflite(model, path, sparse=True, quantization=None, representative_da
     min_argmax_agreement = agreement_default if min_argmax_agreement is None else min_argmax_agreement
 
     input_shape = _input_shape(model)
-    representative = None if representative_dataset is None else _input_array(representative_dataset, input_shape)
+    representative = (None if representative_dataset is None
+                      else _input_array(representative_dataset, input_shape))
     x = _check_inputs(check_inputs, representative, input_shape)
     dense = _convert(model, False, quantization, representative)
     content = _convert(model, True, quantization, representative) if sparse else dense
@@ -124,7 +125,8 @@ def export_tflite(model, path, sparse=True, quantization=None, representative_da
             os.remove(tmp_path)
     delegates = "default delegates" if default_delegates else "builtin kernels, no default delegates"
     return TFLiteExport(path=str(path), bytes=len(content), dense_bytes=len(dense), max_abs_error=error,
-                        argmax_agreement=agreement, num_checked=len(x), interpreter=f"{RUNTIME} ({delegates})")
+                        argmax_agreement=agreement, num_checked=len(x),
+                        interpreter=f"{RUNTIME} ({delegates})")
 
 
 def _strip(model):
@@ -150,6 +152,7 @@ def _strip(model):
 
 
 def _wrappers(model):
+    """The PruneLowMagnitude layers anywhere in ``model``'s layer tree."""
     return [m for m in model.submodules if isinstance(m, PruneLowMagnitude)]
 
 
@@ -161,7 +164,7 @@ def _convert(model, sparse, quantization, representative):
         optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
     converter.optimizations = optimizations
     if quantization == "int8":
-        converter.representative_dataset = lambda: ([representative[i: i + 1]] for i in range(len(representative)))
+        converter.representative_dataset = lambda: ([sample[None]] for sample in representative)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return converter.convert()
 
@@ -170,15 +173,15 @@ def _input_shape(model):
     """The model's input shape, batch axis first (None where unknown)."""
     spec = model.save_spec()
     if spec is None:
-        raise ValueError(f"model {model.name!r} has never been called or built on inputs: call it once first")
+        raise ValueError(f"model {model.name!r} has never been called on inputs: call it once first")
     inputs = tf.nest.flatten(spec)
     if len(inputs) != 1:
-        raise ValueError(f"export_tflite supports single-input models; {model.name!r} has {len(inputs)} inputs")
+        raise ValueError(f"export_tflite supports single-input models; {model.name!r} has {len(inputs)}")
     return tuple(inputs[0].shape)
 
 
 def _input_array(data, input_shape):
-    """Model inputs (n, *input_shape) float32 from an array, a Dataset or TFLite's representative callable.
+    """Model inputs (n, *input_shape) float32 from an array, a Dataset or a callable returning an iterable.
 
     Items of a Dataset or callable may be inputs or (input, label) pairs, with or without a batch axis.
     """
@@ -198,7 +201,7 @@ def _input_array(data, input_shape):
 
 
 def _check_inputs(check_inputs, representative, input_shape):
-    """The inputs to verify on: ``check_inputs``, else the representative ones, else 64 seeded normal ones."""
+    """The inputs to verify on: ``check_inputs``, else the representative ones, else 64 seeded normal."""
     if check_inputs is not None:
         return _input_array(check_inputs, input_shape)
     if representative is not None:
@@ -213,7 +216,7 @@ def _run(path, x, default_delegates):
     """Outputs of the ``.tflite`` at ``path`` on inputs ``x``, in batches of at most 1024."""
     resolver = OpResolverType.AUTO if default_delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="tf.lite.Interpreter is deprecated")
+        warnings.filterwarnings("ignore", message=r"(?s).*tf.lite.Interpreter is deprecated")
         interpreter = Interpreter(model_path=path, experimental_op_resolver_type=resolver)
     if len(interpreter.get_output_details()) != 1:
         raise ValueError("export_tflite supports single-output models")
@@ -237,19 +240,21 @@ def _verify(path, x, reference, default_delegates, atol, rtol, min_argmax_agreem
     try:
         output = _run(path, x, default_delegates)
     except RuntimeError as error:
-        return float("nan"), 0.0, f"fails to run: {error}"
+        return float("nan"), 0.0, f"fails to run: {str(error).rstrip('.')}"
     error = float(np.max(np.abs(output - reference)))
     agreement = float(np.mean(output.argmax(-1) == reference.argmax(-1))) if reference.ndim > 1 else 1.0
     tolerance = atol + rtol * float(np.max(np.abs(reference)))
+    problem = None
     if not error <= tolerance:  # also catches NaN
-        return error, agreement, f"gives wrong outputs: max |tflite - keras| = {error:.3g} > {tolerance:.3g}"
-    if agreement < min_argmax_agreement:
-        return error, agreement, f"gives wrong outputs: argmax agreement {agreement:.3f} < {min_argmax_agreement}"
-    return error, agreement, None
+        problem = f"gives wrong outputs: max |tflite - keras| = {error:.3g} > {tolerance:.3g}"
+    elif agreement < min_argmax_agreement:
+        problem = f"gives wrong outputs: argmax agreement {agreement:.3f} < {min_argmax_agreement}"
+    return error, agreement, problem
 
 
 def _explain(problem, default_delegates, builtin_ok):
-    where = "under TFLite's default delegates (XNNPACK)" if default_delegates else "on TFLite's builtin kernels"
+    """The TFLiteVerificationError message: what went wrong, whose fault, and the fix."""
+    where = "under TFLite's default delegates (XNNPACK)" if default_delegates else "on its builtin kernels"
     message = f"the converted .tflite {where} {problem}"
     if builtin_ok:
         message += (
@@ -260,5 +265,6 @@ def _explain(problem, default_delegates, builtin_ok):
             "pruned in blocks of block_size=(16, 1); or, if the file will only run with "
             "OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES, default_delegates=False")
     else:
-        message += ". Try sparse=False or quantization=None; if the error is expected, loosen atol/rtol/min_argmax_agreement"
+        message += (". Try sparse=False or quantization=None; if the error is expected, loosen atol, rtol "
+                    "or min_argmax_agreement")
     return message + ". Nothing was written."

@@ -109,7 +109,8 @@ def collect_gradients(forward, variables, dataset, loss, num_gradients, fisher_b
     rows, done = [], 0
     for x, y in batches:
         if done == 0:
-            _check_loss_matches(forward, loss_fn, x[0], y[0])
+            first_group = tf.nest.map_structure(lambda t: t[0], (x, y))
+            _check_loss_matches(forward, loss_fn, *first_group)
         chunk = gradient_fn(x, y)
         rows.append(chunk if mask is None else chunk * mask[None, :])
         done += int(chunk.shape[0])

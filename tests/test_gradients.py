@@ -1,0 +1,121 @@
+"""Per-sample Fisher gradients against a plain loop of one-sample GradientTape calls."""
+import numpy as np
+import pytest
+import tensorflow_model_optimization as tfmot
+
+import tf_woodfisher as tfw
+from tf_woodfisher._keras import keras, tf
+from tf_woodfisher.fisher.gradients import collect_gradients
+from tf_woodfisher.pruning.targets import find_prunable_weights
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+class ScaledDense(keras.layers.Layer, tfmot.sparsity.keras.PrunableLayer):
+    """A custom layer that tells tfmot which weight to prune."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight("w", shape=(input_shape[-1], 6))
+        self.scale = self.add_weight("scale", shape=(6,), initializer="ones")
+
+    def call(self, x):
+        return tf.matmul(x, self.w) * self.scale
+
+    def get_prunable_weights(self):
+        return [self.w]
+
+
+def every_layer_model():
+    """A functional model with every supported layer type."""
+    image = keras.Input((8, 8, 2))
+    tokens = keras.Input((5,), dtype="int32")
+    h = keras.layers.Conv2D(3, 3, padding="same", name="conv2d")(image)
+    h = keras.layers.DepthwiseConv2D(3, name="depthwise")(h)
+    h = keras.layers.SeparableConv2D(4, 3, name="separable")(h)
+    h = keras.layers.Conv2DTranspose(2, 2, strides=2, name="transpose")(h)
+    h = keras.layers.Flatten()(h)
+    seq = keras.layers.Reshape((8, 2))(keras.layers.Dense(16, name="dense")(h))
+    seq = keras.layers.Conv1D(3, 2, name="conv1d")(seq)
+    vol = keras.layers.Reshape((2, 2, 2, 1))(keras.layers.Dense(8, name="dense2")(h))
+    vol = keras.layers.Flatten()(keras.layers.Conv3D(2, 2, name="conv3d")(vol))
+    emb = keras.layers.Flatten()(keras.layers.Embedding(11, 3, name="embedding")(tokens))
+    merged = keras.layers.Concatenate()([keras.layers.Flatten()(seq), vol, emb])
+    out = keras.layers.Dense(4, name="head")(ScaledDense(name="custom")(merged))
+    return keras.Model([image, tokens], out)
+
+
+def loop_gradients(model, variables, xs, ys, group):
+    rows = []
+    for start in range(0, len(ys), group):
+        x = tf.nest.map_structure(lambda a: a[start:start + group], xs)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(LOSS(ys[start:start + group], model(x, training=False)))
+        rows.append(np.concatenate([np.ravel(tf.convert_to_tensor(g)) for g in tape.gradient(loss, variables)]))
+    return np.stack(rows)
+
+
+def test_every_layer_type_is_found_and_matches_loop(rng):
+    model = every_layer_model()
+    weights = find_prunable_weights(model)
+    names = [w.name for w in weights]
+    assert names == ["conv2d/kernel", "depthwise/depthwise_kernel", "separable/depthwise_kernel",
+                     "separable/pointwise_kernel", "transpose/kernel", "dense/kernel", "dense2/kernel",
+                     "conv1d/kernel", "conv3d/kernel", "embedding/embeddings", "custom/w", "head/kernel"]
+    n = 12
+    xs = (rng.normal(size=(n, 8, 8, 2)).astype("float32"), rng.integers(0, 11, size=(n, 5)).astype("int32"))
+    ys = rng.integers(0, 4, size=n)
+    variables = [w.variable for w in weights]
+    ds = tf.data.Dataset.from_tensor_slices((xs, ys))
+    for group in (1, 3):
+        got = collect_gradients(model, variables, ds, LOSS, n // group, group, shuffle_buffer=0).numpy()
+        expected = loop_gradients(model, variables, xs, ys, group)
+        assert got.shape == (n // group, sum(w.size for w in weights))
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_mlpnet_gradients_masked_batched_and_deterministic(mlpnet_npz, mnist_flat):
+    (x, y), _ = mnist_flat
+    model = tfw.models.mlpnet(mlpnet_npz)
+    variables = [w.variable for w in find_prunable_weights(model)]
+    d = sum(int(v.shape.num_elements()) for v in variables)
+    mask = tf.constant((np.arange(d) % 3 != 0).astype("float32"))
+    unbatched = tf.data.Dataset.from_tensor_slices((x[:500], y[:500]))
+    g1 = collect_gradients(model, variables, unbatched, LOSS, 50, mask=mask, seed=3).numpy()
+    g2 = collect_gradients(model, variables, unbatched.batch(64), LOSS, 50, mask=mask, seed=3).numpy()
+    g3 = collect_gradients(model, variables, unbatched, LOSS, 50, mask=mask, seed=4).numpy()
+    np.testing.assert_array_equal(g1, g2)  # batched or not, same seed: same samples, same gradients
+    assert not np.allclose(g1, g3)  # another seed draws other samples
+    assert np.all(g1[:, ::3] == 0) and np.count_nonzero(g1[:, 1::3]) > 0
+    in_order = collect_gradients(model, variables, unbatched, "sparse_categorical_crossentropy", 4,
+                                 shuffle_buffer=0, mask=None)
+    # A loss name means from_logits=False: different numbers from the logits loss, same shape.
+    assert in_order.shape == (4, d)
+
+
+def test_dataset_too_small_or_empty(mlpnet_npz, mnist_flat):
+    (x, y), _ = mnist_flat
+    model = tfw.models.mlpnet(mlpnet_npz)
+    variables = [w.variable for w in find_prunable_weights(model)]
+    small = tf.data.Dataset.from_tensor_slices((x[:30], y[:30]))
+    with pytest.raises(ValueError, match=r"too small: it gave 30 usable samples.*20 × 2 = 40"):
+        collect_gradients(model, variables, small, LOSS, 20, 2)
+    with pytest.raises(ValueError, match="empty"):
+        collect_gradients(model, variables, small.take(0), LOSS, 5)
+    with pytest.raises(TypeError, match="tf.data.Dataset"):
+        collect_gradients(model, variables, (x, y), LOSS, 5)
+    with pytest.raises(ValueError, match=r"\(x, y\)"):
+        collect_gradients(model, variables, tf.data.Dataset.from_tensor_slices(x[:10]), LOSS, 5)
+
+
+def test_nan_gradients_and_mismatched_loss(mlpnet_npz, mnist_flat):
+    (x, y), _ = mnist_flat
+    model = tfw.models.mlpnet(mlpnet_npz)
+    variables = [w.variable for w in find_prunable_weights(model)]
+    bad = x[:8].copy()
+    bad[5, 100] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        collect_gradients(model, variables, tf.data.Dataset.from_tensor_slices((bad, y[:8])), LOSS, 8,
+                          shuffle_buffer=0)
+    one_hot_mse = tf.data.Dataset.from_tensor_slices((x[:8], np.zeros((8, 3), "float32")))
+    with pytest.raises(ValueError, match="does not match the model's outputs"):
+        collect_gradients(model, variables, one_hot_mse, "mse", 8)

@@ -90,6 +90,15 @@ def _check_loss_matches(forward, loss_fn, x, y):
         raise ValueError("the loss is NaN or infinite on the Fisher data: check the inputs, labels and loss")
 
 
+def check_loss_on_dataset(forward, loss, dataset):
+    """Raise ValueError if ``dataset`` yields nothing, or ``loss`` (if given) does not fit the model's outputs."""
+    first = next(iter(fisher_batches(dataset, forward, 1, 1, 1, seed=0, shuffle_buffer=0)), None)
+    if first is None:
+        raise ValueError("the Fisher dataset is empty: it yields no (x, y) samples")
+    if loss is not None:
+        _check_loss_matches(forward, per_sample_loss(loss), *tf.nest.map_structure(lambda t: t[0], first))
+
+
 def collect_gradients(forward, variables, dataset, loss, num_gradients, fisher_batch_size=1, mask=None, seed=0,
                       shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, chunk_gradients=None, on_chunk=None):
     """The (num_gradients, d) matrix of masked gradients, d = total size of ``variables``.

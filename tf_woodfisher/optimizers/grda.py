@@ -66,7 +66,7 @@ class GRDA(keras.optimizers.Optimizer):
 
     Args:
       learning_rate: γ, a float > 0 or a ``keras.optimizers.schedules.LearningRateSchedule``.
-      c: threshold scale c ≥ 0, in units of the weights; c = 0 is SGD.
+      c: threshold scale c ≥ 0 (τ is in units of the weights); c = 0 is SGD.
       mu: threshold growth exponent μ > 0 (0.5 < μ < 1 is the intended range; larger is sparser).
       momentum: β in [0, 1).
       exclude: None, a regex string or a list of them; matching variables are not thresholded.
@@ -149,10 +149,14 @@ class GRDA(keras.optimizers.Optimizer):
         threshold.assign_add(tf.where(finite, self.c * tf.pow(lr, self.mu + 0.5) * growth, 0.0))
 
     def _update_if_finite(self, variable, gradient, finite):
-        if self.jit_compile:
-            step = lambda: self._update_step_xla(gradient, variable, id(self._var_key(variable)))  # noqa: E731
-        else:
-            step = lambda: self._update_step(gradient, variable)  # noqa: E731
+        """``update_step`` (XLA-compiled when ``jit_compile``) when ``finite``, else nothing."""
+
+        def step():
+            if self.jit_compile:
+                self._update_step_xla(gradient, variable, id(self._var_key(variable)))
+            else:
+                self._update_step(gradient, variable)
+
         tf.cond(finite, step, lambda: None)
 
     def update_step(self, gradient, variable):

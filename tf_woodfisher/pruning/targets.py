@@ -8,11 +8,9 @@ pruning wrappers give the (weight, mask) pairs of their ``pruning_vars``.
 """
 import dataclasses
 
-import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude
 
 from tf_woodfisher._keras import keras, tf
-
-_PruneLowMagnitude = tfmot.sparsity.keras.prune_low_magnitude(keras.layers.Dense(1)).__class__
 
 _BUILTIN_PRUNABLE = (
     # Order matters: SeparableConv and DepthwiseConv subclass Conv.
@@ -42,17 +40,23 @@ class PrunableWeight:
 
 
 def is_pruning_wrapper(layer):
-    return isinstance(layer, _PruneLowMagnitude)
+    return isinstance(layer, PruneLowMagnitude)
+
+
+def builtin_prunable_attributes(layer):
+    """Names of the pruned weights of a built-in layer type, or None for other layers."""
+    for classes, attributes in _BUILTIN_PRUNABLE:
+        if isinstance(layer, classes):
+            return attributes
+    return None
 
 
 def layer_prunable_variables(layer):
     """The variables of one (unwrapped) layer that are pruned, or None if the layer type is not prunable."""
     if hasattr(layer, "get_prunable_weights"):
         return list(layer.get_prunable_weights())
-    for classes, attributes in _BUILTIN_PRUNABLE:
-        if isinstance(layer, classes):
-            return [getattr(layer, a) for a in attributes]
-    return None
+    attributes = builtin_prunable_attributes(layer)
+    return None if attributes is None else [getattr(layer, a) for a in attributes]
 
 
 def _iter_layers(model):
@@ -80,11 +84,13 @@ def find_prunable_weights(model):
     for layer in _iter_layers(model):
         if is_pruning_wrapper(layer):
             pairs = [(weight, mask) for weight, mask, _ in layer.pruning_vars]
+            layer_name = layer.layer.name
         else:
             pairs = [(v, None) for v in layer_prunable_variables(layer) or []]
+            layer_name = layer.name
         for variable, mask in pairs:
             short = variable.name.split("/")[-1].split(":")[0]
-            found.append(PrunableWeight(f"{layer.name}/{short}", layer, variable, mask))
+            found.append(PrunableWeight(f"{layer_name}/{short}", layer, variable, mask))
     if not found:
         raise ValueError(
             f"model {model.name!r} has no prunable layers (Dense, Conv, DepthwiseConv2D, SeparableConv, "

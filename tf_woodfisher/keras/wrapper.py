@@ -8,6 +8,7 @@ pruning steps.
 """
 import tensorflow_model_optimization as tfmot
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_impl
+from tf_keras.src.engine import base_layer_utils
 
 from tf_woodfisher._keras import keras, tf
 from tf_woodfisher.keras.schedules import SCHEDULES
@@ -58,7 +59,8 @@ class PruneWoodFisher(PruneLowMagnitude):
             block_pooling_type=self.block_pooling_type)
 
     def call(self, inputs, training=None, **kwargs):
-        if training is True and not self.driven_by_callback and self.pruning_vars:
+        tracing_for_save = base_layer_utils.call_context().saving  # SavedModel export traces training=True
+        if training is True and not self.driven_by_callback and self.pruning_vars and not tracing_for_save:
             raise ValueError(CALLBACK_REQUIRED.format(name=self.name))
         return super().call(inputs, training=training, **kwargs)
 

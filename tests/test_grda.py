@@ -62,7 +62,8 @@ def regression_problem(rng):
 
     def loss_fn(kernel, bias, extra):
         residual = tf.matmul(x, kernel) + bias - y
-        return 0.5 * tf.reduce_sum(tf.reduce_mean(residual ** 2, axis=0)) + 0.5 * tf.reduce_sum((extra - extra_target) ** 2)
+        fit_term = 0.5 * tf.reduce_sum(tf.reduce_mean(residual ** 2, axis=0))
+        return fit_term + 0.5 * tf.reduce_sum((extra - extra_target) ** 2)
 
     return init, grad_fn, loss_fn
 

@@ -8,6 +8,7 @@ multiplied by the current mask so that pruned entries are zero.
 import numpy as np
 
 from tf_woodfisher._keras import keras, tf
+from tf_woodfisher.fisher.distributed import executor_for
 
 DEFAULT_SHUFFLE_BUFFER = 10_000
 CHUNK_BYTES = 256 * 2 ** 20  # memory budget of one chunk's gradient rows
@@ -42,7 +43,8 @@ def fisher_batches(dataset, forward, num_gradients, fisher_batch_size, chunk_gra
     of them are used.
     """
     if not isinstance(dataset, tf.data.Dataset):
-        raise TypeError(f"the Fisher data must be a tf.data.Dataset of (x, y) pairs, got {type(dataset).__name__}")
+        raise TypeError(f"the Fisher data must be a plain tf.data.Dataset of (x, y) pairs (not a distributed dataset: "
+                        f"tf_woodfisher splits the samples across replicas itself), got {type(dataset).__name__}")
     spec = dataset.element_spec
     if not isinstance(spec, tuple) or len(spec) not in (2, 3):
         raise ValueError(f"the Fisher dataset must yield (x, y) or (x, y, sample_weight) tuples, got {spec}")
@@ -100,18 +102,24 @@ def check_loss_on_dataset(forward, loss, dataset):
 
 
 def collect_gradients(forward, variables, dataset, loss, num_gradients, fisher_batch_size=1, mask=None, seed=0,
-                      shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, chunk_gradients=None, on_chunk=None):
+                      shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, chunk_gradients=None, on_chunk=None, strategy=None):
     """The (num_gradients, d) matrix of masked gradients, d = total size of ``variables``.
 
     forward: a Keras model (called with ``training=False``). variables: the weights to differentiate.
     mask: optional flat (d,) 0/1 tensor multiplied into every row. on_chunk(rows_done): progress hook.
+    strategy: a ``tf.distribute`` strategy (default: the current one); with R replicas each chunk's
+    samples are split across them and the rows all-gathered, so every worker gets the whole matrix.
     Raises ValueError if the dataset is too small, the loss does not fit, or a gradient is not finite.
     """
     if num_gradients < 1 or fisher_batch_size < 1:
         raise ValueError(f"num_samples and fisher_batch_size must be ≥ 1, got {num_gradients}, {fisher_batch_size}")
+    executor = executor_for(strategy)
+    executor.require_divisible(num_gradients, "num_samples")
+    replicas = executor.num_replicas
     sizes = [int(v.shape.num_elements()) for v in variables]
     dim = sum(sizes)
     chunk_gradients = chunk_gradients or default_chunk(dim, num_gradients)
+    chunk_gradients = max(replicas, chunk_gradients // replicas * replicas)
     loss_fn = per_sample_loss(loss)
     batches = fisher_batches(dataset, forward, num_gradients, fisher_batch_size, chunk_gradients, seed, shuffle_buffer)
     gradient_fn = make_gradient_fn(forward, variables, loss_fn)
@@ -120,7 +128,8 @@ def collect_gradients(forward, variables, dataset, loss, num_gradients, fisher_b
         if done == 0:
             first_group = tf.nest.map_structure(lambda t: t[0], (x, y))
             _check_loss_matches(forward, loss_fn, *first_group)
-        chunk = gradient_fn(x, y)
+            executor.check_consistent([t.numpy() for t in tf.nest.flatten((x, y))], "the Fisher samples")
+        chunk = executor.gather(executor.run(gradient_fn, *executor.shard((x, y))), int(tf.nest.flatten(y)[0].shape[0]))
         rows.append(chunk if mask is None else chunk * mask[None, :])
         done += int(chunk.shape[0])
         if on_chunk is not None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from tf_woodfisher._keras import tf
 from tf_woodfisher.fisher.blocks import BlockPartition
+from tf_woodfisher.fisher.distributed import executor_for
 
 MAX_DAMPING_RETRIES = 3
 DAMPING_RETRY_FACTOR = 100.0
@@ -59,22 +60,29 @@ def _lowrank_matvec(blocks, factor, damping, vectors):
 
 @tf.function(reduce_retracing=True)
 def _explicit_inverse(blocks, damping):
-    """blocks (K, m, c) → F⁻¹ (K, c, c) with F = λI + GᵀG/m."""
+    """blocks (K, m, c) → F⁻¹ (K, c, c) with F = λI + GᵀG/m, and its diagonal (K, c)."""
     m = tf.cast(tf.shape(blocks)[1], blocks.dtype)
     c = tf.shape(blocks)[2]
     eye = tf.eye(c, batch_shape=[1], dtype=blocks.dtype)
     fisher = tf.matmul(blocks, blocks, transpose_a=True) / m + damping * eye
     factor = tf.linalg.cholesky(fisher)
-    return tf.linalg.cholesky_solve(factor, tf.broadcast_to(eye, tf.shape(fisher)))
+    inverse = tf.linalg.cholesky_solve(factor, tf.broadcast_to(eye, tf.shape(fisher)))
+    return inverse, tf.linalg.diag_part(inverse)
+
+
+@tf.function(reduce_retracing=True)
+def _explicit_matvec(inverse, vectors):
+    """F⁻¹v for each block: inverse (K, c, c), vectors (K, c) → (K, c)."""
+    return tf.linalg.matvec(inverse, vectors)
 
 
 @dataclasses.dataclass(frozen=True)
 class _SolvedGroup:
     form: str  # 'lowrank' or 'explicit'
     damping: float
-    blocks: tf.Tensor  # (K, m, c) for 'lowrank', unused (None) for 'explicit'
-    factor: tf.Tensor  # (K, m, m) Cholesky factor, or (K, c, c) explicit inverse
-    diagonal: tf.Tensor  # (K, c)
+    blocks: object  # (K, m, c) for 'lowrank', None for 'explicit'; sharded over replicas under a strategy
+    factor: object  # (K, m, m) Cholesky factor, or (K, c, c) explicit inverse; sharded likewise
+    diagonal: tf.Tensor  # (K, c), gathered
 
 
 class CholeskyError(RuntimeError):
@@ -87,19 +95,23 @@ class InverseFisher:
     Build with :meth:`from_gradients`. Vectors are flat, of length d, in the gradients' column order.
     """
 
-    def __init__(self, partition, groups, dtype):
+    def __init__(self, partition, groups, dtype, executor):
         self.partition = partition
         self._groups = groups
         self.dtype = dtype
+        self._executor = executor
         self._inverse_order = tf.constant(partition.inverse_order)
 
     @classmethod
-    def from_gradients(cls, gradients, partition, damping, dtype=tf.float32, form="auto", on_group=None):
+    def from_gradients(cls, gradients, partition, damping, dtype=tf.float32, form="auto", on_group=None,
+                       strategy=None):
         """Factorise every block of F = λI + (1/m) GᵀG.
 
         gradients: (m, d) tensor, one gradient per row. partition: a :class:`BlockPartition` of d.
         damping: λ > 0. dtype: float32 (default) or float64. form: 'auto', 'lowrank' or 'explicit'.
         on_group: optional callable invoked after each group (progress reporting).
+        strategy: a ``tf.distribute`` strategy (default: the current one); with several replicas each
+        factorises its share of every group's blocks and diagonals and products are all-gathered.
         """
         dtype = tf.as_dtype(dtype)
         if dtype not in (tf.float32, tf.float64):
@@ -114,14 +126,15 @@ class InverseFisher:
             raise ValueError(f"gradients have {d} columns but the partition covers {partition.dim}")
         if m < 1:
             raise ValueError("need at least one gradient")
+        executor = executor_for(strategy)
         solved = []
         for group in partition.groups:
             blocks = tf.transpose(tf.gather(gradients, group.indices, axis=1), [1, 0, 2])
             group_form = choose_form(m, group.block_size) if form == "auto" else form
-            solved.append(_solve_group(blocks, group_form, float(damping), dtype))
+            solved.append(_solve_group(blocks, group_form, float(damping), dtype, executor))
             if on_group is not None:
                 on_group()
-        return cls(partition, tuple(solved), dtype)
+        return cls(partition, tuple(solved), dtype, executor)
 
     @property
     def forms(self):
@@ -135,14 +148,15 @@ class InverseFisher:
     def matvec(self, vector):
         """F⁻¹v for a flat vector v of shape (d,); returns shape (d,)."""
         vector = tf.convert_to_tensor(vector, dtype=self.dtype)
-        results = []
+        run, results = self._executor.run, []
         for group, solved in zip(self.partition.groups, self._groups):
-            pieces = tf.gather(vector, group.indices)
+            pieces = self._executor.shard(tf.gather(vector, group.indices))
             if solved.form == "lowrank":
                 damping = tf.constant(solved.damping, self.dtype)
-                results.append(_lowrank_matvec(solved.blocks, solved.factor, damping, pieces))
+                products = run(_lowrank_matvec, solved.blocks, solved.factor, damping, pieces)
             else:
-                results.append(tf.linalg.matvec(solved.factor, pieces))
+                products = run(_explicit_matvec, solved.factor, pieces)
+            results.append(self._executor.gather(products, group.num_blocks))
         return self._to_flat(results)
 
     def _to_flat(self, per_group):
@@ -150,16 +164,15 @@ class InverseFisher:
         return tf.gather(flat, self._inverse_order)
 
 
-def _solve_group(blocks, form, damping, dtype):
+def _solve_group(blocks, form, damping, dtype, executor):
+    sharded = executor.shard(blocks)
     for attempt in range(MAX_DAMPING_RETRIES + 1):
         try:
             damping_t = tf.constant(damping, dtype)
-            if form == "lowrank":
-                factor, diagonal = _lowrank_factor(blocks, damping_t)
-                result = _SolvedGroup(form, damping, blocks, factor, diagonal)
-            else:
-                inverse = _explicit_inverse(blocks, damping_t)
-                result = _SolvedGroup(form, damping, None, inverse, tf.linalg.diag_part(inverse))
+            factorise = _lowrank_factor if form == "lowrank" else _explicit_inverse
+            factor, diagonal = executor.run(factorise, sharded, damping_t)
+            diagonal = executor.gather(diagonal, int(blocks.shape[0]))
+            result = _SolvedGroup(form, damping, sharded if form == "lowrank" else None, factor, diagonal)
             if bool(tf.reduce_all(tf.math.is_finite(result.diagonal))) and bool(tf.reduce_all(result.diagonal > 0)):
                 return result
             reason = "non-finite or non-positive diagonal of the inverse"

@@ -76,7 +76,8 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
         dataset = self.fisher_dataset if self.fisher_dataset is not None else first.fisher_dataset
         loss = self.loss or first.fisher_loss or getattr(self.model, "loss", None)
         weights = [w for w in find_prunable_weights(self.model) if isinstance(w.layer, PruneWoodFisher)]
-        self.pruner = Pruner(self.model, weights, dataset, loss, first.woodfisher_config)
+        self.pruner = Pruner(self.model, weights, dataset, loss, first.woodfisher_config,
+                             self.model.distribute_strategy)
         self.schedule = first.pruning_schedule
         for layer in wrappers:
             layer.driven_by_callback = True

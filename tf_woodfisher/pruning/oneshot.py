@@ -77,7 +77,7 @@ def step_sparsities(start, target, steps):
 
 def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", mode="global", num_samples=1000,
                    fisher_batch_size=1, block_size=None, damping=1e-5, steps=1, seed=0, update=True,
-                   dtype="float32", shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, verbose=1):
+                   dtype="float32", shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, strategy=None, verbose=1):
     """Prune ``model``'s weights in place to ``target_sparsity`` and return a :class:`PruningReport`.
 
     model: a built tf_keras model, plain or wrapped by tfmot (then its masks are set too).
@@ -90,7 +90,9 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
     damping: λ > 0 of F = λI + (1/m)Σggᵀ. steps: reach the target in this many equal increments,
     recomputing the gradients on the pruned model before each (step i draws samples with seed + i).
     update: apply the OBS weight update. dtype: 'float32' or 'float64' for the inverse.
-    verbose: 0 silent, 1 progress bar and table.
+    strategy: a ``tf.distribute`` strategy (default: the current one): gradients are split across its
+    replicas by sample and the inverse by block (num_samples must divide evenly), and every worker
+    ends with the same masks and weights. verbose: 0 silent, 1 progress bar and table.
     """
     validate_sparsity(target_sparsity)
     if not (isinstance(steps, int) and steps >= 1):
@@ -98,7 +100,7 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
     config = PruningConfig(method, mode, num_samples, fisher_batch_size, block_size, damping, update, dtype,
                            shuffle_buffer)
     started = time.perf_counter()
-    pruner = Pruner(model, find_prunable_weights(model), dataset, loss, config)
+    pruner = Pruner(model, find_prunable_weights(model), dataset, loss, config, strategy)
     start_sparsity = pruner.sparsity()
     if start_sparsity > target_sparsity:
         warnings.warn(f"the model is already {start_sparsity:.2%} sparse, above target {target_sparsity:.2%}; "

@@ -12,6 +12,7 @@ import tensorflow_model_optimization as tfmot
 
 from tf_woodfisher._keras import tf
 from tf_woodfisher.fisher.blocks import BlockPartition
+from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.gradients import DEFAULT_SHUFFLE_BUFFER, collect_gradients
 from tf_woodfisher.fisher.woodbury import InverseFisher
 from tf_woodfisher.pruning import scores as scoring
@@ -80,11 +81,19 @@ class EventTimes:
 
 
 class Pruner:
-    """Prunes ``weights`` (PrunableWeight list) of ``model`` to a sparsity, keeping pruned entries pruned."""
+    """Prunes ``weights`` (PrunableWeight list) of ``model`` to a sparsity, keeping pruned entries pruned.
 
-    def __init__(self, model, weights, dataset, loss, config):
+    strategy: a ``tf.distribute`` strategy (default: the current one) over which gradients and blocks
+    are split; scores, masks and updates come out identical on every replica and worker.
+    """
+
+    def __init__(self, model, weights, dataset, loss, config, strategy=None):
         self.weights = list(weights)
         self.config = config
+        self.strategy = strategy
+        self.executor = executor_for(strategy)
+        if scoring.needs_gradients(config.method):
+            self.executor.require_divisible(config.num_samples, "num_samples")
         self.dataset, self.loss = dataset, loss
         needs_data = scoring.needs_gradients(config.method)
         if needs_data and dataset is None:
@@ -122,12 +131,13 @@ class Pruner:
         config = self.config
         mask = current_masks(self.weights)
         assign_weights(self.weights, flatten(self.variables), mask)
+        self.executor.check_consistent([flatten(self.variables).numpy()], "the model's weights")
         stats = None
         if scoring.needs_gradients(config.method):
             tick = time.perf_counter()
             gradients = collect_gradients(
                 self.forward, self.variables, self.dataset, self.loss, config.num_samples, config.fisher_batch_size,
-                mask, seed, config.shuffle_buffer, on_chunk=on_progress)
+                mask, seed, config.shuffle_buffer, on_chunk=on_progress, strategy=self.strategy)
             self.times.gradient_seconds += time.perf_counter() - tick
             tick = time.perf_counter()
             inverse = None
@@ -135,7 +145,7 @@ class Pruner:
                 done = iter(range(config.num_samples + 1, config.num_samples + len(self.partition.groups) + 1))
                 inverse = InverseFisher.from_gradients(
                     gradients, self.partition, config.damping, config.dtype,
-                    on_group=(lambda: on_progress(next(done))) if on_progress else None)
+                    on_group=(lambda: on_progress(next(done))) if on_progress else None, strategy=self.strategy)
             stats = scoring.FisherStatistics.from_gradients(config.method, gradients, config.damping, inverse)
             del gradients
             self.times.inverse_seconds += time.perf_counter() - tick

@@ -19,6 +19,7 @@ class LocalExecutor:
     """No strategy (or one replica): everything runs here."""
 
     num_replicas = 1
+    gathered_bytes = 0
 
     def shard(self, structure):
         return structure
@@ -37,11 +38,15 @@ class LocalExecutor:
 
 
 class ReplicaExecutor:
-    """Shards along axis 0 over ``strategy.num_replicas_in_sync`` replicas (all workers)."""
+    """Shards along axis 0 over ``strategy.num_replicas_in_sync`` replicas (all workers).
+
+    ``gathered_bytes`` counts the bytes of all-gathered results (each replica receives (R−1)/R of them).
+    """
 
     def __init__(self, strategy):
         self.strategy = strategy
         self.num_replicas = strategy.num_replicas_in_sync
+        self.gathered_bytes = 0
 
     def shard(self, structure):
         """A nest of tensors with equal leading size n → a nest of PerReplica shards of ceil(n/R) rows."""
@@ -61,7 +66,12 @@ class ReplicaExecutor:
 
     def gather(self, structure, count):
         """All-gather PerReplica results along axis 0 and drop the padding rows beyond ``count``."""
-        return tf.nest.map_structure(lambda t: self.strategy.gather(t, axis=0)[:count], structure)
+        return tf.nest.map_structure(lambda t: self._gather(t)[:count], structure)
+
+    def _gather(self, per_replica):
+        gathered = self.strategy.gather(per_replica, axis=0)
+        self.gathered_bytes += gathered.shape.num_elements() * gathered.dtype.size
+        return gathered
 
     def require_divisible(self, count, what):
         """Raise ValueError unless ``count`` items split evenly over the replicas."""

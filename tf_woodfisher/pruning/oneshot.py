@@ -37,6 +37,7 @@ class PruningReport:
     gradient_seconds: float
     inverse_seconds: float
     total_seconds: float
+    gathered_bytes: int = 0  # all-gathered across replicas under a tf.distribute strategy
 
     @property
     def sparsity(self):
@@ -47,6 +48,7 @@ class PruningReport:
         return {"method": self.method, "mode": self.mode, "target_sparsity": self.target_sparsity,
                 "sparsity": self.sparsity, "steps": self.steps, "gradient_seconds": self.gradient_seconds,
                 "inverse_seconds": self.inverse_seconds, "total_seconds": self.total_seconds,
+                "gathered_bytes": self.gathered_bytes,
                 "layers": {layer.name: layer.sparsity for layer in self.layers}}
 
     def __str__(self):
@@ -112,7 +114,7 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
                         on_progress=(lambda done, base=step * units: progbar.update(base + done)) if progbar else None)
     report = PruningReport(method, mode, float(target_sparsity), steps, layer_sparsities(pruner.weights),
                            pruner.times.gradient_seconds, pruner.times.inverse_seconds,
-                           time.perf_counter() - started)
+                           time.perf_counter() - started, pruner.executor.gathered_bytes)
     if verbose:
         print(report)
     return report

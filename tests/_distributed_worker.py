@@ -46,7 +46,7 @@ def one_shot(strategy):
         model = tfw.models.mlpnet(NPZ)
     report = tfw.one_shot_prune(model, fisher, LOSS, 0.9, num_samples=64, fisher_batch_size=2, block_size=2000,
                                 steps=2, strategy=strategy, verbose=0)
-    return [w.numpy() for w in model.weights], report.sparsity
+    return [w.numpy() for w in model.weights], report.sparsity, report.gathered_bytes
 
 
 def gradual(strategy, steps=12):
@@ -99,12 +99,12 @@ def save(**arrays):
 if ROLE == "mirrored":
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     default = tf.distribute.get_strategy()
-    one_shot_mirrored, sparsity_mirrored = one_shot(mirrored)
-    one_shot_single, sparsity_single = one_shot(default)
+    one_shot_mirrored, sparsity_mirrored, bytes_mirrored = one_shot(mirrored)
+    one_shot_single, sparsity_single, bytes_single = one_shot(default)
     gradual_mirrored, masks_mirrored, events_mirrored = gradual(mirrored)
     gradual_single, masks_single, events_single = gradual(default)
     save(one_shot_mirrored=one_shot_mirrored, one_shot_single=one_shot_single,
-         sparsity=[sparsity_mirrored, sparsity_single],
+         sparsity=[sparsity_mirrored, sparsity_single], gathered_bytes=[bytes_mirrored, bytes_single],
          gradual_mirrored=gradual_mirrored, gradual_single=gradual_single,
          masks_mirrored=masks_mirrored, masks_single=masks_single, events=[events_mirrored, events_single],
          grda_mirrored=grda(mirrored), grda_single=grda(default),

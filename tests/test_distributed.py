@@ -50,6 +50,10 @@ def test_mirrored_strategy_matches_one_device(tmp_path, mnist_dir, mlpnet_npz):
     result = run_worker("mirrored", tmp_path / "mirrored.npz", environment(mnist_dir, mlpnet_npz))
     assert int(result["replicas"]) == 2
     assert float(result["sparsity_0"]) == float(result["sparsity_1"]) == pytest.approx(0.9, abs=1e-4)
+    # 2 steps × (64 gradient rows of d = 32,360 float32) + diagonals and products; nothing on one device.
+    gradient_bytes = 2 * 64 * 32_360 * 4
+    assert gradient_bytes < int(result["gathered_bytes_0"]) < gradient_bytes * 1.1
+    assert int(result["gathered_bytes_1"]) == 0
     # One-shot: samples split by replica, blocks split by replica, all-gathered: the same numbers.
     assert_same(arrays(result, "one_shot_mirrored"), arrays(result, "one_shot_single"), atol=1e-6)
     # Gradual pruning in model.fit: same events, same masks, weights equal to float tolerance.

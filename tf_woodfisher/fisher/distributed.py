@@ -9,6 +9,7 @@ the scores, thresholds and masks computed from it agree on every replica and wor
 Per-sample gradients are split by sample and the inverse-Fisher blocks by block.
 """
 import hashlib
+import weakref
 
 import numpy as np
 
@@ -100,9 +101,17 @@ def _pad_rows(tensor, rows):
     return tf.pad(tensor, padding)
 
 
+_EXECUTORS = weakref.WeakKeyDictionary()
+
+
 def executor_for(strategy):
-    """The executor of ``strategy`` (None: the current ``tf.distribute`` strategy, usually the default)."""
+    """The executor of ``strategy`` (None: the current ``tf.distribute`` strategy, usually the default).
+
+    One executor per strategy object, so that its ``gathered_bytes`` counts every gather made with it.
+    """
     strategy = strategy or tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync == 1:
         return LocalExecutor()
-    return ReplicaExecutor(strategy)
+    if strategy not in _EXECUTORS:
+        _EXECUTORS[strategy] = ReplicaExecutor(strategy)
+    return _EXECUTORS[strategy]

@@ -104,6 +104,7 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
     started = time.perf_counter()
     pruner = Pruner(model, find_prunable_weights(model), dataset, loss, config, strategy)
     start_sparsity = pruner.sparsity()
+    gathered_before = pruner.executor.gathered_bytes
     if start_sparsity > target_sparsity:
         warnings.warn(f"the model is already {start_sparsity:.2%} sparse, above target {target_sparsity:.2%}; "
                       "pruned weights stay pruned", RuntimeWarning, stacklevel=2)
@@ -114,7 +115,7 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
                         on_progress=(lambda done, base=step * units: progbar.update(base + done)) if progbar else None)
     report = PruningReport(method, mode, float(target_sparsity), steps, layer_sparsities(pruner.weights),
                            pruner.times.gradient_seconds, pruner.times.inverse_seconds,
-                           time.perf_counter() - started, pruner.executor.gathered_bytes)
+                           time.perf_counter() - started, pruner.executor.gathered_bytes - gathered_before)
     if verbose:
         print(report)
     return report

@@ -86,8 +86,8 @@ class ReplicaExecutor:
         for array in arrays:
             hasher.update(np.ascontiguousarray(array).tobytes())
         digest = np.frombuffer(hasher.digest()[:8], np.int64)
-        digests = self.strategy.gather(self.strategy.experimental_distribute_values_from_function(
-            lambda _: tf.constant(digest)), axis=0).numpy()
+        digests = self._gather(self.strategy.experimental_distribute_values_from_function(
+            lambda _: tf.constant(digest))).numpy()
         if np.any(digests != digests[0]):
             raise ValueError(f"the workers disagree on {what}: every worker must use the same model and the same "
                              "deterministic Fisher dataset (seed its shuffling, do not shard it by worker)")

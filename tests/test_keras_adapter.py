@@ -292,3 +292,16 @@ def test_bad_input(data, fisher):
     bad.compile("adam", LOSS)
     with pytest.raises(ValueError, match=r"the schedule's sparsity at step 2 must be a number in \[0, 1\)"):
         bad.fit(x[:128], y[:128], batch_size=64, callbacks=[tfw.UpdatePruningStep()], verbose=0)
+
+
+def test_gradual_schedule_that_would_miss_its_target_is_refused():
+    with pytest.raises(ValueError, match=r"not a multiple of frequency=40.*use end_step=120"):
+        tfw.GradualSchedule(0.0, 0.9, begin_step=0, end_step=150, frequency=40)
+
+
+def test_fisher_seeds_of_different_runs_do_not_collide():
+    from tf_woodfisher.pruning.pruner import fisher_seed
+
+    seeds = {fisher_seed(base, step) for base in range(5) for step in range(50)}
+    assert len(seeds) == 250
+    assert fisher_seed(3, 7) == fisher_seed(3, 7)

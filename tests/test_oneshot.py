@@ -237,3 +237,12 @@ def test_subclassed_model_prunes_when_built(rng):
         warnings.simplefilter("error")
         report = tfw.one_shot_prune(net, data.batch(16), LOSS, 0.5, num_samples=32, verbose=0)
     assert report.sparsity == pytest.approx(0.5, abs=1e-2)
+
+
+def test_step_sparsities_are_geometric_in_density():
+    from tf_woodfisher.pruning.oneshot import step_sparsities
+
+    steps = step_sparsities(0.0, 0.99, 2)
+    assert steps == pytest.approx([0.9, 0.99])  # density 1 → 0.1 → 0.01
+    assert step_sparsities(0.5, 0.875, 2) == pytest.approx([0.75, 0.875])  # density 0.5 → 0.25 → 0.125
+    assert step_sparsities(0.9, 0.5, 2) == [0.5, 0.5]  # already sparser: nothing to add

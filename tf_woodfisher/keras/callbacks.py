@@ -14,7 +14,7 @@ from tf_woodfisher._keras import tf
 from tf_woodfisher.keras.schedules import recompute_steps
 from tf_woodfisher.keras.wrapper import PruneWoodFisher
 from tf_woodfisher.pruning.oneshot import layer_sparsities, step_sparsities
-from tf_woodfisher.pruning.pruner import Pruner, validate_sparsity
+from tf_woodfisher.pruning.pruner import Pruner, fisher_seed, validate_sparsity
 from tf_woodfisher.pruning.targets import find_prunable_weights
 
 
@@ -49,7 +49,7 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
 
     fisher_dataset, loss: override those given to ``prune_woodfisher`` (needed after loading a saved
     model; the loss defaults to the model's compiled loss). log_dir: write TensorBoard summaries of
-    each pruning event there. seed: base seed of the Fisher samples (event at step s uses seed + s).
+    each pruning event there. seed: base seed of the Fisher samples, mixed with each event's step.
     verbose: 1 prints one line per pruning event.
     """
 
@@ -102,7 +102,7 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
         started = time.perf_counter()
         pruner = self.pruner
         for index, target in enumerate(step_sparsities(pruner.sparsity(), sparsity, recompute_steps(self.schedule))):
-            pruner.prune_to(target, seed=self.seed + step + index)
+            pruner.prune_to(target, seed=fisher_seed(self.seed, step, index))
         reset_optimizer_slots(getattr(self.model, "optimizer", None), pruner.weights)
         event = {"step": step, "sparsity": pruner.sparsity(), "seconds": time.perf_counter() - started,
                  "layers": {layer.name: layer.sparsity for layer in layer_sparsities(pruner.weights)}}

@@ -51,6 +51,11 @@ class GradualSchedule(tfmot.sparsity.keras.PolynomialDecay):
     def __init__(self, initial_sparsity, final_sparsity, begin_step, end_step, power=3, frequency=100,
                  recompute_steps=1):
         super().__init__(initial_sparsity, final_sparsity, begin_step, end_step, power, frequency)
+        if (end_step - begin_step) % frequency:
+            raise ValueError(
+                f"end_step - begin_step = {end_step - begin_step} is not a multiple of frequency={frequency}: the "
+                f"last pruning event would come before end_step and final_sparsity={final_sparsity} would never be "
+                f"reached; use end_step={begin_step + (end_step - begin_step) // frequency * frequency}")
         _validate_recompute_steps(recompute_steps)
         self.recompute_steps = recompute_steps
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from tf_woodfisher._keras import keras
 from tf_woodfisher.fisher.gradients import DEFAULT_SHUFFLE_BUFFER
-from tf_woodfisher.pruning.pruner import Pruner, PruningConfig, validate_sparsity
+from tf_woodfisher.pruning.pruner import Pruner, PruningConfig, fisher_seed, validate_sparsity
 from tf_woodfisher.pruning.targets import find_prunable_weights
 
 
@@ -73,8 +73,13 @@ def layer_sparsities(weights):
 
 
 def step_sparsities(start, target, steps):
-    """Sparsity after each of ``steps`` increments from ``start`` to ``target``, equal in sparsity."""
-    return [start + (target - start) * (i + 1) / steps for i in range(steps)]
+    """Sparsity after each of ``steps`` increments from ``start`` to ``target``, each step removing the
+    same fraction of the remaining weights (density falls geometrically): much better than equal
+    increments of sparsity at high targets (BENCHMARKS.md)."""
+    start_density, target_density = 1.0 - start, 1.0 - target
+    if target_density >= start_density:
+        return [target] * steps
+    return [1.0 - start_density * (target_density / start_density) ** ((i + 1) / steps) for i in range(steps)]
 
 
 def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", mode="global", num_samples=1000,
@@ -89,8 +94,9 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
     method: 'magnitude', 'diagonal_fisher', 'woodfisher' or 'woodtaylor'. mode: 'global' or 'layerwise'.
     num_samples: number m of gradients (Fisher samples); each is the mean over ``fisher_batch_size`` samples.
     block_size: None (one block per weight tensor), an int c (chunks of c weights) or 'model'.
-    damping: λ > 0 of F = λI + (1/m)Σggᵀ. steps: reach the target in this many equal increments,
-    recomputing the gradients on the pruned model before each (step i draws samples with seed + i).
+    damping: λ > 0 of F = λI + (1/m)Σggᵀ. steps: reach the target in this many steps, each removing the
+    same fraction of the remaining weights and recomputing the gradients on the pruned model first
+    (each step draws its own samples).
     update: apply the OBS weight update. dtype: 'float32' or 'float64' for the inverse.
     strategy: a ``tf.distribute`` strategy (default: the current one): gradients are split across its
     replicas by sample and the inverse by block (num_samples must divide evenly), and every worker
@@ -111,7 +117,7 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
     units = pruner.work_units()
     progbar = keras.utils.Progbar(steps * units, verbose=verbose, unit_name="unit") if verbose else None
     for step, sparsity in enumerate(step_sparsities(start_sparsity, target_sparsity, steps)):
-        pruner.prune_to(sparsity, seed + step,
+        pruner.prune_to(sparsity, fisher_seed(seed, step),
                         on_progress=(lambda done, base=step * units: progbar.update(base + done)) if progbar else None)
     report = PruningReport(method, mode, float(target_sparsity), steps, layer_sparsities(pruner.weights),
                            pruner.times.gradient_seconds, pruner.times.inverse_seconds,

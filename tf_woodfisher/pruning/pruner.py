@@ -8,6 +8,7 @@ import math
 import time
 import warnings
 
+import numpy as np
 import tensorflow_model_optimization as tfmot
 
 from tf_woodfisher._keras import tf
@@ -52,6 +53,12 @@ class PruningConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def fisher_seed(seed, *indices):
+    """The Fisher-sample seed of an event: ``seed`` mixed with the event's indices (step, recomputation),
+    so that different base seeds never share samples (unlike seed + step)."""
+    return int(np.random.SeedSequence([seed, *indices]).generate_state(1)[0])
 
 
 def validate_sparsity(value, what="target_sparsity"):

@@ -111,6 +111,17 @@ def test_update_false_only_zeroes_and_update_changes_kept_weights(mlpnet_npz, fi
     assert not np.allclose(kernels(plain)[0], kernels(updated)[0])
 
 
+def test_plain_model_keeps_its_zeros_between_steps(mlpnet_npz, fisher_data):
+    """Steps on an unwrapped model must score and update with the zeros of earlier steps masked."""
+    plain = tfw.models.mlpnet(mlpnet_npz)
+    wrapped = tfmot.sparsity.keras.prune_low_magnitude(tfw.models.mlpnet(mlpnet_npz))
+    for model in (plain, wrapped):
+        tfw.one_shot_prune(model, fisher_data, LOSS, 0.9, num_samples=64, steps=3, verbose=0)
+    stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
+    for a, b in zip(kernels(plain), [w.numpy() for w in stripped.weights]):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_multi_step_is_monotone_and_reaches_target(mlpnet_npz, fisher_data):
     model = tfw.models.mlpnet(mlpnet_npz)
     tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_samples=32, verbose=0)

@@ -111,8 +111,10 @@ def unflatten(vector, weights):
 
 
 def current_masks(weights):
-    """Flat 0/1 mask: the tfmot mask where a weight has one, else ones."""
-    return flatten([tf.cast(w.mask, tf.float32) if w.mask is not None else tf.ones(w.shape) for w in weights])
+    """Flat 0/1 mask: the tfmot mask where a weight has one, else its nonzero pattern (a plain model's
+    zeros count as pruned, so repeated pruning calls and multi-step pruning keep them)."""
+    return flatten([tf.cast(w.mask if w.mask is not None else tf.not_equal(w.variable, 0), tf.float32)
+                    for w in weights])
 
 
 def assign_weights(weights, values, mask):

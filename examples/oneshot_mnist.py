@@ -12,7 +12,6 @@ MNIST comes from --data-dir, else $TFW_MNIST_DIR, else ../shared/datasets/mnist 
 of a training set (the official one or the 5k subset), which provides the Fisher samples.
 """
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -20,7 +19,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import tensorflow_model_optimization as tfmot  # noqa: E402
 
 import tf_woodfisher as tfw  # noqa: E402  (import before TensorFlow: tf.keras is then tf_keras)
 from tf_woodfisher._keras import keras, tf  # noqa: E402
@@ -30,33 +28,17 @@ SHARED = os.path.join(REPO_ROOT, os.pardir, "shared")
 REFERENCE_ACCURACY = 0.9397
 
 # The configuration of each method (keyword arguments of tfw.one_shot_prune). WoodFisher: the best one found
-# by benchmarks/oneshot_table.py (see BENCHMARKS.md): 8 pruning steps, each with a fresh inverse of the
-# whole-model Fisher block from 400 gradients of 10 samples, λ = 1e-4, on a geometric schedule (below).
+# by benchmarks/oneshot_table.py (see BENCHMARKS.md): 8 pruning steps (each removing the same fraction of the
+# remaining weights), each with a fresh inverse of the whole-model Fisher block from 400 gradients of 10
+# samples, λ = 1e-4.
 CONFIGS = {
     "magnitude": dict(method="magnitude", mode="global"),
     "magnitude_layerwise": dict(method="magnitude", mode="layerwise"),
     "diagonal_fisher": dict(method="diagonal_fisher", mode="global", num_samples=100, fisher_batch_size=1),
     "woodfisher": dict(method="woodfisher", mode="global", num_samples=400, fisher_batch_size=10, block_size="model",
-                       damping=1e-4, steps=8, schedule="geometric"),
+                       damping=1e-4, steps=8),
     "woodfisher_authors": dict(method="woodfisher", mode="global", num_samples=100, fisher_batch_size=1, damping=1e-5),
 }
-
-
-def prune(model, fisher_data, loss, target, config, seed):
-    """one_shot_prune with ``config``; schedule='geometric' makes each of the ``steps`` pruning steps remove the
-    same fraction of the remaining weights (sparsity 1 − (1 − target)^(k/steps) after step k), which is much
-    better at high sparsity than one_shot_prune's own steps of equal size. Returns the last PruningReport."""
-    config = dict(config)
-    if config["method"] != "magnitude":
-        config["seed"] = seed
-    if config.pop("schedule", "linear") != "geometric":
-        return tfw.one_shot_prune(model, fisher_data, loss, target, verbose=0, **config)
-    steps, seed = config.pop("steps"), config.pop("seed")
-    reports = [tfw.one_shot_prune(model, fisher_data, loss, 1 - (1 - target) ** (k / steps), seed=seed + k - 1,
-                                  verbose=0, **config) for k in range(1, steps + 1)]
-    return dataclasses.replace(reports[-1], target_sparsity=target, steps=steps, **{
-        name: sum(getattr(r, name) for r in reports) for name in ("gradient_seconds", "inverse_seconds",
-                                                                   "total_seconds")})
 
 
 def parse_args(argv=None):
@@ -121,12 +103,9 @@ def main(argv=None):
     for name in args.method:
         config = CONFIGS[name]
         for target in args.sparsities:
-            # The tfmot workflow: wrap, prune (one_shot_prune sets the wrappers' masks, which also keep
-            # pruned weights pruned between steps), strip the wrappers to get the plain sparse model.
-            model = tfmot.sparsity.keras.prune_low_magnitude(tfw.models.mlpnet(npz))
-            report = prune(model, fisher_data, loss, target, config, args.seed)
-            pruned = tfmot.sparsity.keras.strip_pruning(model)
-            results[name, target] = (accuracy(pruned, x_test, y_test), report)
+            model = tfw.models.mlpnet(npz)
+            report = tfw.one_shot_prune(model, fisher_data, loss, target, seed=args.seed, verbose=0, **config)
+            results[name, target] = (accuracy(model, x_test, y_test), report)
             options = ", ".join(f"{k}={v}" for k, v in config.items() if k != "method")
             say(f"\n{name} to {target:.0%} ({options}): test accuracy {results[name, target][0]:.2%}")
             say(report)

@@ -119,3 +119,20 @@ def test_nan_gradients_and_mismatched_loss(mlpnet_npz, mnist_flat):
     one_hot_mse = tf.data.Dataset.from_tensor_slices((x[:8], np.zeros((8, 3), "float32")))
     with pytest.raises(ValueError, match="does not match the model's outputs"):
         collect_gradients(model, variables, one_hot_mse, "mse", 8)
+
+
+def test_strided_dilated_and_padded_convolutions_match_loop(rng):
+    """Per-sample Conv2D kernel gradients (batched patches × output gradients) against the loop."""
+    image = keras.Input((9, 10, 3))
+    h = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="strided_same")(image)
+    h = keras.layers.Conv2D(5, 3, dilation_rate=2, padding="same", name="dilated_same")(h)
+    h = keras.layers.Conv2D(4, (2, 3), strides=(1, 2), padding="valid", name="rect_valid")(h)
+    h = keras.layers.Conv2D(3, 1, strides=2, name="pointwise_strided")(h)
+    h = keras.layers.Conv2DTranspose(2, 3, strides=2, padding="same", name="transpose_same")(h)
+    model = keras.Model(image, keras.layers.Dense(4, name="head")(keras.layers.Flatten()(h)))
+    variables = [w.variable for w in find_prunable_weights(model)]
+    xs, ys = rng.normal(size=(10, 9, 10, 3)).astype("float32"), rng.integers(0, 4, size=10)
+    ds = tf.data.Dataset.from_tensor_slices((xs, ys))
+    got = collect_gradients(model, variables, ds, LOSS, 10, shuffle_buffer=0, chunk_gradients=4).numpy()
+    expected = loop_gradients(model, variables, xs, ys, 1)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())

@@ -44,3 +44,30 @@ def small_cnn(num_classes=10, input_shape=(28, 28, 1)):
         ],
         name="small_cnn",
     )
+
+
+def _resnet_basic_block(x, filters, stride, name):
+    """Two 3×3 Conv–BN layers and a shortcut (1×1 Conv–BN projection when the shape changes)."""
+    shortcut = x
+    h = keras.layers.Conv2D(filters, 3, stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization(name=f"{name}_bn1")(h))
+    h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(h)
+    h = keras.layers.BatchNormalization(name=f"{name}_bn2")(h)
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = keras.layers.Conv2D(filters, 1, stride, use_bias=False, name=f"{name}_proj")(x)
+        shortcut = keras.layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+    return keras.layers.ReLU()(keras.layers.Add()([h, shortcut]))
+
+
+def resnet20(num_classes=10, input_shape=(32, 32, 3)):
+    """ResNet-20 for CIFAR-shaped input (He et al. 2016, §4.2): 3 stages × 3 basic blocks of 16/32/64
+    filters, projection shortcuts, global average pooling, a Dense head (≈ 0.27M parameters); logits."""
+    inputs = keras.Input(input_shape)
+    h = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="conv1")(inputs)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn1")(h))
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(3):
+            stride = 2 if stage > 0 and block == 0 else 1
+            h = _resnet_basic_block(h, filters, stride, f"stage{stage + 1}_block{block + 1}")
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    return keras.Model(inputs, keras.layers.Dense(num_classes, name="fc")(h), name="resnet20")

@@ -5,13 +5,18 @@ gradient, the paper's "fisher-mini-bsz"). Gradients are taken in inference mode
 (``training=False``), vectorised over the groups of a chunk with ``tf.vectorized_map``, and
 multiplied by the current mask so that pruned entries are zero.
 """
+import contextlib
+import weakref
+
 import numpy as np
+from tensorflow.python.ops.parallel_for import pfor as _pfor
 
 from tf_woodfisher._keras import keras, tf
 from tf_woodfisher.fisher.distributed import executor_for
+from tf_woodfisher.fisher.memory import CHUNK_BYTES, default_chunk  # noqa: F401  (re-exported)
 
 DEFAULT_SHUFFLE_BUFFER = 10_000
-CHUNK_BYTES = 256 * 2 ** 20  # memory budget of one chunk's gradient rows
+_GRADIENT_FNS = weakref.WeakKeyDictionary()  # forward model → {(variables, loss, strategy): gradient function}
 
 
 def per_sample_loss(loss):
@@ -60,9 +65,55 @@ def fisher_batches(dataset, forward, num_gradients, fisher_batch_size, chunk_gra
     )
 
 
-def default_chunk(dim, num_gradients):
-    """Gradients per chunk so that one chunk's rows (chunk × dim float32) stay near CHUNK_BYTES."""
-    return int(np.clip(CHUNK_BYTES // (4 * dim * 3), 1, min(num_gradients, 256)))
+def _same_padding(size, out, kernel, stride, dilation):
+    """(before, after) padding of one spatial axis for 'SAME' (as TensorFlow's convolutions pad)."""
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _patches(x, kernel, strides, dilations, out, padding):
+    """Image patches of x (N, H, W, C) → (N, out_h, out_w, kh·kw·C), depth ordered (kh, kw, C) like a kernel."""
+    (kh, kw), (sh, sw), (dh, dw), (out_h, out_w) = kernel, strides, dilations, out
+    if padding == b"SAME":
+        x = tf.pad(x, [[0, 0], _same_padding(x.shape[1], out_h, kh, sh, dh),
+                       _same_padding(x.shape[2], out_w, kw, sw, dw), [0, 0]])
+    if kh == kw == sh == sw == 1:
+        return x
+    return tf.concat([x[:, i * dh:i * dh + (out_h - 1) * sh + 1:sh, j * dw:j * dw + (out_w - 1) * sw + 1:sw]
+                      for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _conv2d_filter_gradient(pfor_input, fallback):
+    """pfor converter of Conv2DBackpropFilter for per-sample inputs: one batched matmul of the samples'
+    patches with their output gradients, (n, kh·kw·C, P) × (n, P, O), instead of TensorFlow's while_loop
+    over the samples. Other cases (NCHW, explicit padding, unknown shapes) go to ``fallback``."""
+    inputs, inputs_stacked, _ = pfor_input.input(0)
+    sizes = tf.get_static_value(pfor_input.unstacked_input(1))
+    padding = pfor_input.get_attr("padding")
+    pfor_input.stack_inputs(stack_indices=[2])
+    grads = pfor_input.stacked_input(2)
+    if not inputs_stacked or sizes is None or pfor_input.get_attr("data_format") != b"NHWC"             or padding not in (b"SAME", b"VALID") or not inputs.shape[2:].is_fully_defined()             or not grads.shape[2:].is_fully_defined():
+        return fallback(pfor_input)
+    kh, kw, channels, filters = (int(s) for s in sizes)
+    n = pfor_input.pfor.loop_len_vector[0]
+    patches = _patches(tf.reshape(inputs, [-1] + inputs.shape[2:].as_list()), (kh, kw),
+                       pfor_input.get_attr("strides")[1:3], pfor_input.get_attr("dilations")[1:3],
+                       grads.shape[2:4].as_list(), padding)
+    kernels = tf.matmul(tf.reshape(patches, [n, -1, kh * kw * channels]), tf.reshape(grads, [n, -1, filters]),
+                        transpose_a=True)
+    return _pfor.wrap(tf.reshape(kernels, [n, kh, kw, channels, filters]), True)
+
+
+@contextlib.contextmanager
+def _per_sample_conv_gradients():
+    """While tracing, vectorise per-sample Conv2D kernel gradients with :func:`_conv2d_filter_gradient`."""
+    registry = _pfor._pfor_converter_registry
+    fallback = registry["Conv2DBackpropFilter"]
+    registry["Conv2DBackpropFilter"] = lambda pfor_input: _conv2d_filter_gradient(pfor_input, fallback)
+    try:
+        yield
+    finally:
+        registry["Conv2DBackpropFilter"] = fallback
 
 
 def make_gradient_fn(forward, variables, loss_fn):
@@ -76,11 +127,26 @@ def make_gradient_fn(forward, variables, loss_fn):
         grads = tape.gradient(group_loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return tf.concat([tf.reshape(tf.cast(tf.convert_to_tensor(g), tf.float32), [-1]) for g in grads], 0)
 
-    @tf.function(reduce_retracing=True)
+    compiled = tf.function(lambda x, y: tf.vectorized_map(one_group, (x, y)))
+
     def gradients(x, y):
-        return tf.vectorized_map(one_group, (x, y))
+        any_chunk = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), (x, y))
+        with _per_sample_conv_gradients():  # takes effect when ``compiled`` traces: once, for any chunk size
+            return compiled.get_concrete_function(*any_chunk)(x, y)
 
     return gradients
+
+
+def cached_gradient_fn(forward, variables, loss, executor=None):
+    """:func:`make_gradient_fn` of (forward, variables, loss), compiled once and reused by later events."""
+    key = (tuple(v.ref() for v in variables), loss, getattr(executor, "strategy", None))
+    try:
+        functions = _GRADIENT_FNS.setdefault(forward, {})
+        if key not in functions:
+            functions[key] = make_gradient_fn(forward, variables, per_sample_loss(loss))
+        return functions[key]
+    except TypeError:  # an unhashable loss or a model that cannot be weakly referenced: no reuse
+        return make_gradient_fn(forward, variables, per_sample_loss(loss))
 
 
 def _check_loss_matches(forward, loss_fn, x, y):
@@ -102,11 +168,14 @@ def check_loss_on_dataset(forward, loss, dataset):
 
 
 def collect_gradients(forward, variables, dataset, loss, num_gradients, fisher_batch_size=1, mask=None, seed=0,
-                      shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, chunk_gradients=None, on_chunk=None, strategy=None):
+                      shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, chunk_gradients=None, on_chunk=None, strategy=None,
+                      dtype=tf.float32):
     """The (num_gradients, d) matrix of masked gradients, d = total size of ``variables``.
 
     forward: a Keras model (called with ``training=False``). variables: the weights to differentiate.
     mask: optional flat (d,) 0/1 tensor multiplied into every row. on_chunk(rows_done): progress hook.
+    dtype: of the returned matrix (float32, or float16/bfloat16 to store it in half the memory;
+    float16 overflows above 65504, bfloat16 keeps float32's range with 8 bits of mantissa).
     strategy: a ``tf.distribute`` strategy (default: the current one); with R replicas each chunk's
     samples are split across them and the rows all-gathered, so every worker gets the whole matrix.
     Raises ValueError if the dataset is too small, the loss does not fit, or a gradient is not finite.
@@ -122,7 +191,7 @@ def collect_gradients(forward, variables, dataset, loss, num_gradients, fisher_b
     chunk_gradients = max(replicas, chunk_gradients // replicas * replicas)
     loss_fn = per_sample_loss(loss)
     batches = fisher_batches(dataset, forward, num_gradients, fisher_batch_size, chunk_gradients, seed, shuffle_buffer)
-    gradient_fn = make_gradient_fn(forward, variables, loss_fn)
+    gradient_fn = cached_gradient_fn(forward, variables, loss, executor)
     rows, done = [], 0
     for x, y in batches:
         if done == 0:
@@ -130,7 +199,7 @@ def collect_gradients(forward, variables, dataset, loss, num_gradients, fisher_b
             _check_loss_matches(forward, loss_fn, *first_group)
             executor.check_consistent([t.numpy() for t in tf.nest.flatten((x, y))], "the Fisher samples")
         chunk = executor.gather(executor.run(gradient_fn, *executor.shard((x, y))), int(tf.nest.flatten(y)[0].shape[0]))
-        rows.append(chunk if mask is None else chunk * mask[None, :])
+        rows.append(tf.cast(chunk if mask is None else chunk * mask[None, :], dtype))
         done += int(chunk.shape[0])
         if on_chunk is not None:
             on_chunk(done)

@@ -4,7 +4,8 @@ For each block, with G (m × c) the block's columns of the m gradients:
 
 * low-rank (Woodbury) form, cheaper when c > m: with K = mλI + GGᵀ = LLᵀ (m × m),
   F⁻¹ = (I − Gᵀ K⁻¹ G)/λ, so diag(F⁻¹) = (1 − ‖L⁻¹G‖²_col)/λ and F⁻¹v = (v − Gᵀ K⁻¹ G v)/λ;
-* explicit form, cheaper when c ≲ m: Cholesky of the c × c matrix F and its inverse.
+* explicit form, cheaper when c ≲ m: Cholesky F = LLᵀ of the c × c matrix and L⁻¹, so that
+  diag(F⁻¹) = ‖L⁻¹‖²_col and F⁻¹v = L⁻ᵀ(L⁻¹v).
 
 The low-rank diagonal 1 − ‖L⁻¹g‖² cancels when c ≈ m (every column lies near the span of the
 gradients), so the low-rank form is used only for c ≥ 2m, where it is also the cheaper one; the
@@ -30,8 +31,8 @@ def lowrank_flops(m, c):
 
 
 def explicit_flops(m, c):
-    """Flops per block of the explicit form: GᵀG, Cholesky of F, F⁻¹ from the factor."""
-    return 2 * c * c * m + c ** 3 / 3 + 2 * c ** 3
+    """Flops per block of the explicit form: GᵀG, Cholesky of F, L⁻¹ by a triangular solve."""
+    return 2 * c * c * m + c ** 3 / 3 + c ** 3
 
 
 def choose_form(m, c):
@@ -60,20 +61,18 @@ def _lowrank_matvec(blocks, factor, damping, vectors):
 
 @tf.function(reduce_retracing=True)
 def _explicit_inverse(blocks, damping):
-    """blocks (K, m, c) → F⁻¹ (K, c, c) with F = λI + GᵀG/m, and its diagonal (K, c)."""
+    """blocks (K, m, c) → L⁻¹ (K, c, c) with LLᵀ = F = λI + GᵀG/m, and diag(F⁻¹) = ‖L⁻¹‖²_col (K, c)."""
     m = tf.cast(tf.shape(blocks)[1], blocks.dtype)
-    c = tf.shape(blocks)[2]
-    eye = tf.eye(c, batch_shape=[1], dtype=blocks.dtype)
+    eye = tf.eye(tf.shape(blocks)[2], batch_shape=[1], dtype=blocks.dtype)  # broadcast over the K blocks
     fisher = tf.matmul(blocks, blocks, transpose_a=True) / m + damping * eye
-    factor = tf.linalg.cholesky(fisher)
-    inverse = tf.linalg.cholesky_solve(factor, tf.broadcast_to(eye, tf.shape(fisher)))
-    return inverse, tf.linalg.diag_part(inverse)
+    inverse_factor = tf.linalg.triangular_solve(tf.linalg.cholesky(fisher), eye, lower=True)
+    return inverse_factor, tf.reduce_sum(tf.square(inverse_factor), axis=1)
 
 
 @tf.function(reduce_retracing=True)
-def _explicit_matvec(inverse, vectors):
-    """F⁻¹v for each block: inverse (K, c, c), vectors (K, c) → (K, c)."""
-    return tf.linalg.matvec(inverse, vectors)
+def _explicit_matvec(inverse_factor, vectors):
+    """F⁻¹v = L⁻ᵀ(L⁻¹v) for each block: inverse_factor L⁻¹ (K, c, c), vectors (K, c) → (K, c)."""
+    return tf.linalg.matvec(inverse_factor, tf.linalg.matvec(inverse_factor, vectors), adjoint_a=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +80,7 @@ class _SolvedGroup:
     form: str  # 'lowrank' or 'explicit'
     damping: float
     blocks: object  # (K, m, c) for 'lowrank', None for 'explicit'; sharded over replicas under a strategy
-    factor: object  # (K, m, m) Cholesky factor, or (K, c, c) explicit inverse; sharded likewise
+    factor: object  # (K, m, m) Cholesky factor L, or (K, c, c) inverse factor L⁻¹ (explicit); sharded likewise
     diagonal: tf.Tensor  # (K, c), gathered
 
 
@@ -107,7 +106,8 @@ class InverseFisher:
                        strategy=None):
         """Factorise every block of F = λI + (1/m) GᵀG.
 
-        gradients: (m, d) tensor, one gradient per row. partition: a :class:`BlockPartition` of d.
+        gradients: (m, d) tensor, one gradient per row, of any float dtype (float16/bfloat16 storage is
+        cast to ``dtype`` one group at a time). partition: a :class:`BlockPartition` of d.
         damping: λ > 0. dtype: float32 (default) or float64. form: 'auto', 'lowrank' or 'explicit'.
         on_group: optional callable invoked after each group (progress reporting).
         strategy: a ``tf.distribute`` strategy (default: the current one); with several replicas each
@@ -120,7 +120,7 @@ class InverseFisher:
             raise ValueError(f"damping must be a finite number > 0, got {damping}")
         if form not in ("auto", "lowrank", "explicit"):
             raise ValueError(f"form must be 'auto', 'lowrank' or 'explicit', got {form!r}")
-        gradients = tf.convert_to_tensor(gradients, dtype=dtype)
+        gradients = tf.convert_to_tensor(gradients)
         m, d = gradients.shape
         if d != partition.dim:
             raise ValueError(f"gradients have {d} columns but the partition covers {partition.dim}")
@@ -129,7 +129,7 @@ class InverseFisher:
         executor = executor_for(strategy)
         solved = []
         for group in partition.groups:
-            blocks = tf.transpose(tf.gather(gradients, group.indices, axis=1), [1, 0, 2])
+            blocks = _group_blocks(gradients, group, dtype)
             group_form = choose_form(m, group.block_size) if form == "auto" else form
             solved.append(_solve_group(blocks, group_form, float(damping), dtype, executor))
             if on_group is not None:
@@ -162,6 +162,19 @@ class InverseFisher:
     def _to_flat(self, per_group):
         flat = tf.concat([tf.reshape(t, [-1]) for t in per_group], axis=0)
         return tf.gather(flat, self._inverse_order)
+
+
+def _group_blocks(gradients, group, dtype):
+    """The (K, m, c) blocks of ``group`` in ``dtype``. Blocks of consecutive columns are a reshape of one
+    column range (no gathered copy; no copy at all for a single block over every column), others a gather."""
+    m = int(gradients.shape[0])
+    begin, size = int(group.indices[0, 0]), group.indices.size
+    if not np.all(np.diff(group.indices.reshape(-1)) == 1):
+        return tf.cast(tf.transpose(tf.gather(gradients, group.indices, axis=1), [1, 0, 2]), dtype)
+    columns = gradients if size == gradients.shape[1] else gradients[:, begin:begin + size]
+    if group.num_blocks == 1:
+        return tf.cast(tf.reshape(columns, [1, m, size]), dtype)
+    return tf.cast(tf.transpose(tf.reshape(columns, [m, group.num_blocks, group.block_size]), [1, 0, 2]), dtype)
 
 
 def _solve_group(blocks, form, damping, dtype, executor):

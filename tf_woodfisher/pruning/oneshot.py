@@ -84,7 +84,8 @@ def step_sparsities(start, target, steps):
 
 def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", mode="global", num_samples=1000,
                    fisher_batch_size=1, block_size=None, damping=1e-5, steps=1, seed=0, update=True,
-                   dtype="float32", shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, strategy=None, verbose=1):
+                   dtype="float32", shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, strategy=None, verbose=1,
+                   max_memory=None, gradient_dtype="float32"):
     """Prune ``model``'s weights in place to ``target_sparsity`` and return a :class:`PruningReport`.
 
     model: a built tf_keras model, plain or wrapped by tfmot (then its masks are set too).
@@ -101,12 +102,16 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
     strategy: a ``tf.distribute`` strategy (default: the current one): gradients are split across its
     replicas by sample and the inverse by block (num_samples must divide evenly), and every worker
     ends with the same masks and weights. verbose: 0 silent, 1 progress bar and table.
+    max_memory: bytes (or '4GB', '512MB') the event's gradients, blocks and vectors may take; None: half
+    the memory available now. Over it, the gradients are computed one group of layers at a time
+    (recomputed for the update if needed); if no plan fits, a MemoryBudgetError (a ValueError) says
+    what would. gradient_dtype: 'float32', or 'bfloat16'/'float16' to store the gradients in half the memory.
     """
     validate_sparsity(target_sparsity)
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be an int ≥ 1, got {steps!r}")
     config = PruningConfig(method, mode, num_samples, fisher_batch_size, block_size, damping, update, dtype,
-                           shuffle_buffer)
+                           shuffle_buffer, max_memory, gradient_dtype)
     started = time.perf_counter()
     pruner = Pruner(model, find_prunable_weights(model), dataset, loss, config, strategy)
     start_sparsity = pruner.sparsity()
@@ -114,6 +119,8 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
     if start_sparsity > target_sparsity:
         warnings.warn(f"the model is already {start_sparsity:.2%} sparse, above target {target_sparsity:.2%}; "
                       "pruned weights stay pruned", RuntimeWarning, stacklevel=2)
+    if verbose and pruner.plan is not None and pruner.plan.streamed:
+        print(f"memory plan: {pruner.plan}")
     units = pruner.work_units()
     progbar = keras.utils.Progbar(steps * units, verbose=verbose, unit_name="unit") if verbose else None
     for step, sparsity in enumerate(step_sparsities(start_sparsity, target_sparsity, steps)):

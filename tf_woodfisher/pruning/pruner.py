@@ -15,6 +15,7 @@ from tf_woodfisher._keras import tf
 from tf_woodfisher.fisher.blocks import BlockPartition
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.gradients import DEFAULT_SHUFFLE_BUFFER, collect_gradients
+from tf_woodfisher.fisher.memory import GRADIENT_DTYPES, EventShape, block_groups, parse_bytes, plan_memory
 from tf_woodfisher.fisher.woodbury import InverseFisher
 from tf_woodfisher.pruning import scores as scoring
 from tf_woodfisher.pruning.targets import assign_weights, current_masks, flatten, is_pruning_wrapper
@@ -33,6 +34,8 @@ class PruningConfig:
     update: bool = True
     dtype: str = "float32"
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    max_memory: object = None
+    gradient_dtype: str = "float32"
 
     def __post_init__(self):
         if self.method not in scoring.METHODS:
@@ -47,12 +50,25 @@ class PruningConfig:
                 raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
         if self.block_size not in (None, "model") and not (isinstance(self.block_size, int) and self.block_size >= 1):
             raise ValueError(f"block_size must be None, 'model' or an int ≥ 1, got {self.block_size!r}")
+        if self.max_memory is not None:
+            parse_bytes(self.max_memory)
+        if self.gradient_dtype not in GRADIENT_DTYPES:
+            raise ValueError(f"gradient_dtype must be one of {tuple(GRADIENT_DTYPES)}, got {self.gradient_dtype!r}")
         if scoring.needs_inverse(self.method) and self.num_samples == 1:
             warnings.warn("num_samples=1: the Fisher has rank one, so WoodFisher scores are barely better "
                           "than magnitude; use tens to thousands of samples", RuntimeWarning, stacklevel=3)
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def event_shape(self, segment_sizes):
+        """The memory planner's view of an event of this configuration on tensors of ``segment_sizes`` entries."""
+        return EventShape(tuple(segment_sizes), self.num_samples, self.block_size, self.gradient_dtype, self.dtype,
+                          needs_inverse=scoring.needs_inverse(self.method), needs_update=self.update,
+                          needs_moments=self.method in MOMENT_METHODS)
+
+
+MOMENT_METHODS = ("diagonal_fisher", "woodtaylor")  # their statistics read the gradients, in float32
 
 
 def fisher_seed(seed, *indices):
@@ -113,7 +129,8 @@ class Pruner:
             warnings.warn(f"block_size={config.block_size} is larger than every prunable tensor (largest: "
                           f"{max(self.segments)}); each tensor is one block, as with block_size=None",
                           RuntimeWarning, stacklevel=3)
-        self.partition = BlockPartition.from_segments(self.segments, config.block_size)
+        self.offsets = np.cumsum([0] + self.segments)
+        self.plan = plan_memory(config.event_shape(self.segments), config.max_memory) if needs_data else None
         self.times = EventTimes()
 
     @property
@@ -124,46 +141,107 @@ class Pruner:
         """Current fraction of masked entries."""
         return 1.0 - float(tf.reduce_mean(current_masks(self.weights)))
 
+    @property
+    def stages(self):
+        """(begin, end) ranges of the weights whose statistics are computed together (see :attr:`plan`)."""
+        return self.plan.stages if self.plan is not None else ((0, len(self.weights)),)
+
     def work_units(self):
-        """Progress units of one :meth:`prune_to` call: gradients, inverse groups, and the final write."""
-        gradients = self.config.num_samples if scoring.needs_gradients(self.config.method) else 0
-        groups = len(self.partition.groups) if scoring.needs_inverse(self.config.method) else 0
-        return gradients + groups + 1
+        """Progress units of one :meth:`prune_to` call: gradients of every pass, inverse groups of every
+        build, and the final write."""
+        if self.plan is None:
+            return 1
+        builds = self.plan.gradient_passes // len(self.stages) if scoring.needs_inverse(self.config.method) else 0
+        groups = sum(len(block_groups(self.segments[b:e], self.config.block_size)) for b, e in self.stages)
+        return self.plan.gradient_passes * self.config.num_samples + builds * groups + 1
 
     def prune_to(self, sparsity, seed=0, on_progress=None):
         """One event: recompute the statistics on the masked model and prune to ``sparsity``.
 
+        Stage by stage (see :attr:`plan`): the scores of every stage, then one selection over all of
+        them, then the updates of every stage (from kept or rebuilt statistics), written at the end.
         on_progress(units_done) reports progress within the event (see :meth:`work_units`).
         """
-        config = self.config
+        config, progress = self.config, _Progress(on_progress)
         mask = current_masks(self.weights)
         assign_weights(self.weights, flatten(self.variables), mask)
-        self.executor.check_consistent([flatten(self.variables).numpy()], "the model's weights")
-        stats = None
-        if scoring.needs_gradients(config.method):
+        values = flatten(self.variables)
+        self.executor.check_consistent([values.numpy()], "the model's weights")
+        keep = self.plan is None or self.plan.keep_inverse
+        scores, kept = [], []
+        for stage in self.stages:
+            stats = self._statistics(stage, mask, seed, progress)
             tick = time.perf_counter()
-            gradients = collect_gradients(
-                self.forward, self.variables, self.dataset, self.loss, config.num_samples, config.fisher_batch_size,
-                mask, seed, config.shuffle_buffer, on_chunk=on_progress, strategy=self.strategy)
-            self.times.gradient_seconds += time.perf_counter() - tick
-            tick = time.perf_counter()
-            inverse = None
-            if scoring.needs_inverse(config.method):
-                done = iter(range(config.num_samples + 1, config.num_samples + len(self.partition.groups) + 1))
-                inverse = InverseFisher.from_gradients(
-                    gradients, self.partition, config.damping, config.dtype,
-                    on_group=(lambda: on_progress(next(done))) if on_progress else None, strategy=self.strategy)
-            stats = scoring.FisherStatistics.from_gradients(config.method, gradients, config.damping, inverse)
-            del gradients
+            scores.append(scoring.importance_scores(config.method, self._columns(values, stage), stats))
+            kept.append(stats if keep else None)
             self.times.inverse_seconds += time.perf_counter() - tick
         tick = time.perf_counter()
-        values = flatten(self.variables)
-        new_mask = scoring.select_pruned(scoring.importance_scores(config.method, values, stats), mask,
-                                         self.segments, sparsity, config.mode)
-        if config.update:
-            values = scoring.updated_weights(config.method, values, tf.constant(new_mask == 0), stats)
-        assign_weights(self.weights, values, tf.constant(new_mask))
+        new_mask = scoring.select_pruned(tf.concat(scores, 0), mask, self.segments, sparsity, config.mode)
         self.times.inverse_seconds += time.perf_counter() - tick
-        if on_progress:
-            on_progress(self.work_units())
+        if config.update and scoring.needs_inverse(config.method):
+            pruned = tf.constant(new_mask == 0)
+            values = tf.concat([self._update(stage, values, pruned, stats, mask, seed, progress)
+                                for stage, stats in zip(self.stages, kept)], 0)
+        assign_weights(self.weights, values, tf.constant(new_mask))
+        progress.finish(self.work_units())
         return new_mask
+
+    def _columns(self, vector, stage):
+        """The entries of a flat (d,) vector that belong to the weights [begin, end) of ``stage``."""
+        return vector[self.offsets[stage[0]]:self.offsets[stage[1]]]
+
+    def _statistics(self, stage, mask, seed, progress):
+        """FisherStatistics of the weights of ``stage`` from their own gradient pass (None for magnitude)."""
+        config, (begin, end) = self.config, stage
+        if self.plan is None:
+            return None
+        tick = time.perf_counter()
+        gradients = collect_gradients(
+            self.forward, self.variables[begin:end], self.dataset, self.loss, config.num_samples,
+            config.fisher_batch_size, self._columns(mask, stage), seed, config.shuffle_buffer,
+            on_chunk=progress.gradient_hook(), strategy=self.strategy, dtype=config.gradient_dtype)
+        self.times.gradient_seconds += time.perf_counter() - tick
+        tick = time.perf_counter()
+        inverse = None
+        if scoring.needs_inverse(config.method):
+            partition = BlockPartition.from_segments(self.segments[begin:end], config.block_size)
+            inverse = InverseFisher.from_gradients(gradients, partition, config.damping, config.dtype,
+                                                   on_group=progress.advance, strategy=self.strategy)
+        if config.method in MOMENT_METHODS:
+            gradients = tf.cast(gradients, tf.float32)
+        stats = scoring.FisherStatistics.from_gradients(config.method, gradients, config.damping, inverse)
+        self.times.inverse_seconds += time.perf_counter() - tick
+        return stats
+
+    def _update(self, stage, values, pruned, stats, mask, seed, progress):
+        """The OBS-updated values of the weights of ``stage``, rebuilding its statistics if not kept."""
+        stats = stats or self._statistics(stage, mask, seed, progress)
+        tick = time.perf_counter()
+        updated = scoring.updated_weights(self.config.method, self._columns(values, stage),
+                                          self._columns(pruned, stage), stats)
+        self.times.inverse_seconds += time.perf_counter() - tick
+        return updated
+
+
+class _Progress:
+    """Counts the progress units of one event and reports them to ``callback(units_done)`` (may be None)."""
+
+    def __init__(self, callback):
+        self.callback, self.done = callback, 0
+
+    def _report(self, done):
+        self.done = done
+        if self.callback is not None:
+            self.callback(done)
+
+    def advance(self):
+        """One more unit (an inverse group)."""
+        self._report(self.done + 1)
+
+    def gradient_hook(self):
+        """An on_chunk(rows_done) hook for one gradient pass starting now."""
+        base = self.done
+        return lambda rows: self._report(base + rows)
+
+    def finish(self, total):
+        self._report(total)

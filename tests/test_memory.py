@@ -1,0 +1,126 @@
+"""The memory planner: estimates, plans, errors; streamed pruning events against one-pass events."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import tf_woodfisher as tfw
+from tf_woodfisher._keras import keras, tf
+from tf_woodfisher.fisher import memory
+from tf_woodfisher.fisher.memory import EventShape, MemoryBudgetError, plan_memory
+from tf_woodfisher.pruning.pruner import Pruner, PruningConfig
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+MLPNET = (31360, 800, 200)
+
+
+@pytest.fixture(scope="module")
+def fisher_data(mnist_flat):
+    (x, y), _ = mnist_flat
+    return tf.data.Dataset.from_tensor_slices((x[:2000], y[:2000]))
+
+
+def test_parse_bytes():
+    assert memory.parse_bytes("4GB") == 4 * 10 ** 9
+    assert memory.parse_bytes("1.5 GiB") == int(1.5 * 2 ** 30)
+    assert memory.parse_bytes("512mb") == 512 * 10 ** 6
+    assert memory.parse_bytes(10 ** 6) == 10 ** 6
+    assert 0 < memory.parse_bytes(None) <= memory.available_memory()
+    for bad in ("4 parsecs", "GB", -1, 0, True, float("nan"), [4]):
+        with pytest.raises(ValueError, match="max_memory"):
+            memory.parse_bytes(bad)
+
+
+def test_estimates_scale_with_m_d_and_dtype():
+    shape = EventShape(MLPNET, 100)
+    assert shape.gradient_bytes() == 100 * sum(MLPNET) * 4
+    assert dataclasses.replace(shape, gradient_dtype="bfloat16").gradient_bytes() == 100 * sum(MLPNET) * 2
+    assert memory.block_groups([10, 7], 4) == {4: 3, 2: 1, 3: 1}  # as BlockPartition groups them
+    assert memory.block_groups([10, 7], "model") == {17: 1}
+    # Low-rank blocks (c ≥ 2m) grow like m·c, explicit ones like c².
+    lowrank = memory.group_bytes("lowrank", 1, 64, 10_000, 4)[0]
+    assert memory.group_bytes("lowrank", 1, 128, 10_000, 4)[0] == pytest.approx(2 * lowrank, rel=0.05)
+    explicit = memory.group_bytes("explicit", 1, 1000, 1000, 4)[0]
+    assert memory.group_bytes("explicit", 1, 1000, 2000, 4)[0] > 3 * explicit
+
+
+def test_one_pass_when_it_fits_else_stages():
+    shape = EventShape(MLPNET, 100)
+    plan = plan_memory(shape, "10GB")
+    assert not plan.streamed and plan.gradient_passes == 1 and plan.peak_bytes <= plan.max_memory
+    lean = memory.leanest_bytes(shape)
+    staged = plan_memory(shape, lean)
+    assert staged.streamed and staged.peak_bytes <= lean
+    assert [s for stage in staged.stages for s in range(*stage)] == [0, 1, 2]  # consecutive, all tensors
+    assert "stages" in str(staged) and "max_memory" in str(staged)
+    no_update = plan_memory(dataclasses.replace(shape, needs_update=False), lean)
+    assert no_update.gradient_passes == len(no_update.stages)
+
+
+def test_budget_errors_give_numbers_and_options():
+    shape = EventShape(MLPNET, 100)
+    with pytest.raises(MemoryBudgetError, match=r"max_memory=1 MB is too small.*needs .* MB.*Options: max_memory ≥"):
+        plan_memory(shape, "1MB")
+    with pytest.raises(MemoryBudgetError, match=r"cannot be streamed.*block_size=None"):
+        plan_memory(dataclasses.replace(shape, block_size="model"), memory.leanest_bytes(shape))
+    with pytest.raises(ValueError, match="gradient_dtype"):
+        EventShape(MLPNET, 100, gradient_dtype="int8")
+
+
+def prune(mlpnet_npz, data, **kwargs):
+    model = tfw.models.mlpnet(mlpnet_npz)
+    report = tfw.one_shot_prune(model, data, LOSS, 0.9, num_samples=64, verbose=0, **kwargs)
+    return report, [w.variable.numpy() for w in tfw.find_prunable_weights(model)]
+
+
+def pruned_weights(mlpnet_npz, data, config, keep_inverse=None, progress=None):
+    """The MLPNet's weights after one Pruner event to 90% (the plan's keep_inverse forced if given)."""
+    model = tfw.models.mlpnet(mlpnet_npz)
+    pruner = Pruner(model, tfw.find_prunable_weights(model), data, LOSS, config)
+    if keep_inverse is not None:
+        assert pruner.plan.streamed
+        pruner.plan = dataclasses.replace(pruner.plan, keep_inverse=keep_inverse)
+    pruner.prune_to(0.9, on_progress=progress.append if progress is not None else None)
+    if progress is not None:
+        assert progress == sorted(progress) and progress[-1] == pruner.work_units()
+    return [w.variable.numpy() for w in pruner.weights]
+
+
+@pytest.mark.parametrize("method,mode", [("woodfisher", "global"), ("woodtaylor", "layerwise")])
+def test_streamed_event_equals_one_pass(mlpnet_npz, fisher_data, method, mode):
+    config = PruningConfig(method, mode, 64, damping=1e-3)
+    reference = pruned_weights(mlpnet_npz, fisher_data, config)
+    lean = dataclasses.replace(config, max_memory=memory.leanest_bytes(config.event_shape(MLPNET)))
+    for keep in (True, False):
+        streamed = pruned_weights(mlpnet_npz, fisher_data, lean, keep_inverse=keep, progress=[])
+        for got, expected in zip(streamed, reference):
+            np.testing.assert_array_equal(got == 0, expected == 0)
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_gradients_prune_nearly_alike(mlpnet_npz, fisher_data):
+    _, reference = prune(mlpnet_npz, fisher_data)
+    report, got = prune(mlpnet_npz, fisher_data, gradient_dtype="bfloat16")
+    assert report.sparsity == pytest.approx(0.9, abs=1e-4)
+    agreement = np.mean(np.concatenate([(a == 0).ravel() == (b == 0).ravel() for a, b in zip(got, reference)]))
+    assert agreement > 0.99
+
+
+def test_max_memory_errors_before_any_gradient(mlpnet_npz, fisher_data, capsys):
+    model = tfw.models.mlpnet(mlpnet_npz)
+    before = [w.numpy() for w in model.weights]
+    with pytest.raises(MemoryBudgetError, match=r"too small.*needs.*Options"):
+        tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_samples=64, max_memory="1MB", verbose=0)
+    with pytest.raises(MemoryBudgetError, match="cannot be streamed"):
+        tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_samples=64, block_size="model", max_memory="20MB",
+                           verbose=0)
+    for bad, message in (("lots", "max_memory"), (-5, "max_memory")):
+        with pytest.raises(ValueError, match=message):
+            tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, max_memory=bad, verbose=0)
+    with pytest.raises(ValueError, match="gradient_dtype"):
+        tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, gradient_dtype="float8", verbose=0)
+    for old, new in zip(before, model.weights):
+        np.testing.assert_array_equal(old, new.numpy())
+    lean = memory.leanest_bytes(PruningConfig(num_samples=64).event_shape(MLPNET))
+    tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_samples=64, max_memory=lean, verbose=1)
+    assert "memory plan: 2 stages of tensors" in capsys.readouterr().out

@@ -1,0 +1,268 @@
+"""Memory planner of a pruning event: byte estimates of the gradients and of every block group, and
+the plan that keeps them under ``max_memory``.
+
+The estimates count the engine's large buffers: the m × d gradient matrix (twice while its chunks
+are concatenated), one chunk of per-sample gradient rows, each block group's factorisation
+workspace and what the inverse keeps of it, and the event's flat (d,) vectors (weights, masks,
+scores, block indices). TensorFlow's runtime, the model's weights and its activations are not
+counted. When the one-pass plan does not fit, consecutive prunable tensors are grouped into stages
+whose gradients are computed one stage at a time (and, when the stages' inverses cannot all be
+kept, recomputed for the weight update). Blocks never cross tensors, so a staged event prunes
+exactly as the one-pass event does. Nothing here knows about Keras or TensorFlow.
+"""
+import dataclasses
+import os
+import re
+
+import numpy as np
+
+CHUNK_BYTES = 256 * 2 ** 20  # target bytes of one chunk's per-sample gradient rows
+MAX_CHUNK_ROWS = 256
+CHUNK_COPIES = 3  # float32 copies of a chunk alive at once: the rows, the masked rows, the stored rows
+MEMORY_FRACTION = 0.5  # default max_memory: this fraction of the memory available when planning
+VECTOR_BYTES_PER_WEIGHT = 64  # ≈ 10 float32 and 2 int64 (d,) vectors alive during an event
+GRADIENT_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+COMPUTE_DTYPES = {"float32": 4, "float64": 8}
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+class MemoryBudgetError(ValueError):
+    """No plan of a pruning event fits ``max_memory``; raised before anything large is allocated."""
+
+
+def available_memory():
+    """Bytes of memory available to this process now (MemAvailable of /proc/meminfo, else free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_bytes(value):
+    """Bytes from an int, a float, or a string such as '4GB', '4 GiB' or '512MB'; None → the default.
+
+    The default is MEMORY_FRACTION of :func:`available_memory`.
+    """
+    if value is None:
+        return int(MEMORY_FRACTION * available_memory())
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9.]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"max_memory must be a number of bytes or a string such as '4GB', got {value!r}")
+        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"max_memory must be a positive number of bytes or a string such as '4GB', got {value!r}")
+    return int(value)
+
+
+def format_bytes(count):
+    """'6.53 GB', '412 MB' (decimal units, as ``max_memory`` strings)."""
+    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
+
+
+def default_chunk(dim, num_gradients):
+    """Gradients per chunk so that one chunk's rows (rows × dim float32, CHUNK_COPIES times) stay near CHUNK_BYTES."""
+    return int(np.clip(CHUNK_BYTES // (4 * dim * CHUNK_COPIES), 1, min(num_gradients, MAX_CHUNK_ROWS)))
+
+
+def collection_bytes(dim, num_gradients, itemsize):
+    """Peak bytes while the (num_gradients, dim) matrix is collected: one chunk, and the rows twice (concat)."""
+    chunk = 4 * CHUNK_COPIES * default_chunk(dim, num_gradients) * dim
+    return chunk + 2 * num_gradients * dim * itemsize
+
+
+def block_groups(segment_sizes, block_size):
+    """{block size c: number of blocks K} of a partition (as :class:`BlockPartition` groups them)."""
+    if block_size == "model":
+        return {int(sum(segment_sizes)): 1}
+    groups = {}
+    for size in segment_sizes:
+        size = int(size)
+        step = size if block_size is None else min(int(block_size), size)
+        groups[step] = groups.get(step, 0) + size // step
+        if size % step:
+            groups[size % step] = groups.get(size % step, 0) + 1
+    return groups
+
+
+def choose_form(m, c):
+    """The form the inverse uses for blocks of c entries: 'lowrank' for c ≥ 2m, else 'explicit'."""
+    from tf_woodfisher.fisher.woodbury import choose_form as woodbury_choose_form  # the single rule
+
+    return woodbury_choose_form(m, c)
+
+
+def group_bytes(form, num_blocks, m, c, itemsize):
+    """(workspace, kept) bytes of factorising K = num_blocks blocks of c entries from m gradients.
+
+    Both forms gather the blocks (K, m, c), twice while they are transposed. Low-rank: then L⁻¹G
+    (K, m, c) next to the blocks, the gram and its factor (K, m, m); it keeps the blocks, the factor
+    and the diagonal. Explicit: F, its factor, the identity and F⁻¹ (K, c, c) next to the blocks; it
+    keeps F⁻¹ and the diagonal.
+    """
+    blocks = num_blocks * m * c
+    if form == "lowrank":
+        square = num_blocks * m * m
+        return itemsize * (2 * blocks + 2 * square), itemsize * (blocks + square + num_blocks * c)
+    square = num_blocks * c * c
+    return itemsize * (2 * blocks + 4 * square), itemsize * (square + num_blocks * c)
+
+
+def inverse_bytes(groups, m, itemsize):
+    """(peak, kept) bytes of an inverse built group by group, largest blocks first (as InverseFisher does)."""
+    peak = kept = 0
+    for c in sorted(groups, reverse=True):
+        workspace, keeps = group_bytes(choose_form(m, c), groups[c], m, c, itemsize)
+        peak = max(peak, kept + workspace)
+        kept += keeps
+    return peak, kept
+
+
+@dataclasses.dataclass(frozen=True)
+class EventShape:
+    """What the planner needs to know about a pruning event."""
+
+    segment_sizes: tuple  # entries of each prunable tensor, in order
+    num_gradients: int  # m
+    block_size: object = None  # None, an int or 'model'
+    gradient_dtype: str = "float32"  # storage of the gradients
+    dtype: str = "float32"  # of the inverse
+    needs_inverse: bool = True  # WoodFisher / WoodTaylor
+    needs_update: bool = True  # the OBS update reads the inverse again after the scores
+    needs_moments: bool = False  # the mean (WoodTaylor) or mean square (diagonal Fisher) of the gradients
+
+    def __post_init__(self):
+        if self.gradient_dtype not in GRADIENT_DTYPES:
+            raise ValueError(f"gradient_dtype must be one of {tuple(GRADIENT_DTYPES)}, got {self.gradient_dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def dim(self):
+        return int(sum(self.segment_sizes))
+
+    @property
+    def vector_bytes(self):
+        return VECTOR_BYTES_PER_WEIGHT * self.dim
+
+    def gradient_bytes(self, begin=0, end=None):
+        """Bytes of the stored gradients of tensors [begin, end)."""
+        return self.num_gradients * int(sum(self.segment_sizes[begin:end])) * GRADIENT_DTYPES[self.gradient_dtype]
+
+    def stage_bytes(self, begin, end):
+        """(peak, kept) bytes of the stage of tensors [begin, end): collection, then gradients + inverse."""
+        sizes = self.segment_sizes[begin:end]
+        dim, m = int(sum(sizes)), self.num_gradients
+        collect = collection_bytes(dim, m, GRADIENT_DTYPES[self.gradient_dtype])
+        stored = self.gradient_bytes(begin, end)
+        as_float = m * dim * 4 if self.needs_moments and self.gradient_dtype != "float32" else 0
+        if not self.needs_inverse:
+            return max(collect, stored + as_float + m * dim * 4), 0  # + the squares of the diagonal Fisher
+        peak, kept = inverse_bytes(block_groups(sizes, self.block_size), m, COMPUTE_DTYPES[self.dtype])
+        return max(collect, stored + as_float + peak), kept
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """How one event runs. stages: (begin, end) ranges of consecutive tensors, each one gradient pass.
+
+    keep_inverse: the stages' inverses are kept from the scores to the update (else their gradients
+    are recomputed and the inverse rebuilt). peak_bytes: the estimate, max_memory: the budget.
+    """
+
+    stages: tuple
+    keep_inverse: bool
+    peak_bytes: int
+    max_memory: int
+    shape: EventShape
+
+    @property
+    def streamed(self):
+        return len(self.stages) > 1
+
+    @property
+    def gradient_passes(self):
+        """Passes over the Fisher data: one per stage, twice when inverses are rebuilt for the update."""
+        rebuild = self.shape.needs_inverse and self.shape.needs_update and not self.keep_inverse
+        return len(self.stages) * (2 if rebuild else 1)
+
+    def __str__(self):
+        how = "one pass" if not self.streamed else (
+            f"{len(self.stages)} stages of tensors, {self.gradient_passes} gradient passes")
+        return (f"{how}, {self.shape.gradient_dtype} gradients ({format_bytes(self.shape.gradient_bytes())} in all): "
+                f"estimated peak {format_bytes(self.peak_bytes)} of max_memory {format_bytes(self.max_memory)}")
+
+
+def _greedy_stages(shape, budget, keep):
+    """Longest runs of consecutive tensors whose stage fits ``budget`` next to what earlier stages keep.
+
+    Returns (stages, peak) or None when a single tensor does not fit.
+    """
+    stages, begin, resident, peak, count = [], 0, shape.vector_bytes, 0, len(shape.segment_sizes)
+    while begin < count:
+        end, (stage_peak, stage_kept) = begin + 1, shape.stage_bytes(begin, begin + 1)
+        if resident + stage_peak > budget:
+            return None
+        while end < count:
+            longer = shape.stage_bytes(begin, end + 1)
+            if resident + longer[0] > budget:
+                break
+            end, (stage_peak, stage_kept) = end + 1, longer
+        stages.append((begin, end))
+        peak = max(peak, resident + stage_peak)
+        resident += stage_kept if keep else 0
+        begin = end
+    return tuple(stages), peak
+
+
+def leanest_bytes(shape):
+    """The smallest peak of any plan: one tensor per stage (the whole model for block_size='model')."""
+    if shape.block_size == "model":
+        return shape.vector_bytes + shape.stage_bytes(0, len(shape.segment_sizes))[0]
+    return shape.vector_bytes + max(shape.stage_bytes(i, i + 1)[0] for i in range(len(shape.segment_sizes)))
+
+
+def plan_memory(shape, max_memory=None):
+    """The cheapest :class:`MemoryPlan` of ``shape`` (an :class:`EventShape`) within ``max_memory``.
+
+    max_memory: bytes or a string ('4GB'); None: MEMORY_FRACTION of the available memory. Plans, in
+    order of cost: one pass; stages keeping their inverses; stages recomputing gradients for the
+    update. Raises MemoryBudgetError (with the numbers and the settings that would fit) if none fits.
+    """
+    budget = parse_bytes(max_memory)
+    count = len(shape.segment_sizes)
+    one_pass = shape.vector_bytes + shape.stage_bytes(0, count)[0]
+    if one_pass <= budget:
+        return MemoryPlan(((0, count),), True, one_pass, budget, shape)
+    if shape.block_size != "model":
+        for keep in (True, False) if shape.needs_inverse and shape.needs_update else (False,):
+            staged = _greedy_stages(shape, budget, keep)
+            if staged is not None:
+                return MemoryPlan(staged[0], keep, staged[1], budget, shape)
+    raise MemoryBudgetError(_budget_message(shape, budget, one_pass))
+
+
+def _budget_message(shape, budget, one_pass):
+    needed = leanest_bytes(shape)
+    what = ("block_size='model' is one block over all tensors and cannot be streamed: it needs "
+            f"{format_bytes(one_pass)}" if shape.block_size == "model" else
+            f"the leanest plan (one tensor at a time, largest {max(shape.segment_sizes):,} entries) needs "
+            f"{format_bytes(needed)}")
+    options = [f"max_memory ≥ {format_bytes(needed)}"]
+    alternatives = {"gradient_dtype='bfloat16'": dict(gradient_dtype="bfloat16"),
+                    "dtype='float32'": dict(dtype="float32"),
+                    "block_size=None (one block per tensor, streamable)": dict(block_size=None),
+                    f"num_samples={max(1, shape.num_gradients // 2)}": dict(num_gradients=max(1, shape.num_gradients // 2))}
+    for label, change in alternatives.items():
+        other_needs = leanest_bytes(dataclasses.replace(shape, **change))
+        if other_needs < needed:
+            options.append(f"{label} (needs {format_bytes(other_needs)})")
+    return (f"max_memory={format_bytes(budget)} is too small for this pruning event (m={shape.num_gradients} "
+            f"gradients of {shape.dim:,} weights, {format_bytes(shape.gradient_bytes())} of {shape.gradient_dtype} "
+            f"gradients): {what}. Options: " + "; ".join(options))

@@ -10,7 +10,8 @@ prunes a fresh copy of the dense model to one sparsity and measures top-1 accura
     python benchmarks/oneshot_table.py --models mlpnet --seeds 3 --resume
 
 Outputs under --out (default benchmarks/results): oneshot_mnist.csv (one row per run, with the per-layer
-sparsities as JSON), oneshot_mnist.png and oneshot_mnist.md.
+sparsities as JSON), oneshot_mnist.md, and per model oneshot_mnist_<model>.png (accuracy against sparsity)
+and oneshot_mnist_<model>_layers.png (per-layer sparsity of the best WoodFisher configuration at 95%).
 """
 import argparse
 import collections
@@ -20,7 +21,6 @@ import os
 import time
 
 import numpy as np
-import tensorflow_model_optimization as tfmot
 
 import common
 from common import keras, tf, tfw
@@ -28,36 +28,31 @@ from common import keras, tf, tfw
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 QUICK_SPARSITIES = (0.9, 0.95, 0.98)
 LAYER_TABLE_SPARSITIES = (0.9, 0.95, 0.98)
-# one_shot_prune draws the samples of step i with seed + i: seeds 0, 1, 2 would share most samples of a
-# multi-step run, so the seeds of the table are 0, 1000, 2000, ...
-SEED_STRIDE = 1000
-
-# name → (label, one_shot_prune keyword arguments, schedule). schedule 'library': one_shot_prune's own
-# steps (equal increments of sparsity up to commit ed0316f); 'geometric': one_shot_prune(steps=1) once per
-# step with targets 1 − (1 − s)^(k/steps), so that each step removes the same fraction of the remaining weights.
+# name → (label, one_shot_prune keyword arguments). Multi-step runs use one_shot_prune's own steps, each
+# removing the same fraction of the remaining weights.
 METHODS = {
-    "magnitude_global": ("global magnitude", dict(method="magnitude", mode="global"), "library"),
-    "magnitude_layerwise": ("layer-wise magnitude", dict(method="magnitude", mode="layerwise"), "library"),
+    "magnitude_global": ("global magnitude", dict(method="magnitude", mode="global")),
+    "magnitude_layerwise": ("layer-wise magnitude", dict(method="magnitude", mode="layerwise")),
     "diagonal_fisher": ("diagonal Fisher (m=100)",
-                        dict(method="diagonal_fisher", mode="global", num_samples=100, fisher_batch_size=1), "library"),
+                        dict(method="diagonal_fisher", mode="global", num_samples=100, fisher_batch_size=1)),
     "woodfisher_authors": ("WoodFisher, authors' (m=100, λ=1e-5, 1 step)",
                            dict(method="woodfisher", mode="global", num_samples=100, fisher_batch_size=1,
-                                block_size=None, damping=1e-5, steps=1), "library"),
-    "woodfisher_best": ("WoodFisher, best (400×10 samples, λ=1e-4, 8 geometric steps, block_size='model')",
+                                block_size=None, damping=1e-5, steps=1)),
+    "woodfisher_best": ("WoodFisher, best (400×10 samples, λ=1e-4, 8 steps, block_size='model')",
                         dict(method="woodfisher", mode="global", num_samples=400, fisher_batch_size=10,
-                             block_size="model", damping=1e-4, steps=8), "geometric"),
+                             block_size="model", damping=1e-4, steps=8)),
 }
 DEFAULT_METHODS = tuple(METHODS)
 
 
 SPEC_KEYS = {"mode": str, "num_samples": int, "fisher_batch_size": int, "steps": int, "damping": float,
-             "block_size": lambda v: None if v == "None" else v if v == "model" else int(v), "schedule": str}
+             "block_size": lambda v: None if v == "None" else v if v == "model" else int(v)}
 
 
 def register_method(spec):
     """``spec``: a name of METHODS, or 'method:key=value,...' (keys: SPEC_KEYS), registered under the spec itself.
 
-    Example: 'woodfisher:num_samples=400,fisher_batch_size=10,steps=8,damping=1e-4,schedule=geometric'.
+    Example: 'woodfisher:num_samples=400,fisher_batch_size=10,steps=8,damping=1e-4'.
     """
     if spec in METHODS:
         return spec
@@ -65,22 +60,13 @@ def register_method(spec):
     if method not in ("magnitude", "diagonal_fisher", "woodfisher", "woodtaylor"):
         raise argparse.ArgumentTypeError(
             f"unknown method {spec!r}: use one of {list(METHODS)} or 'method:key=value,...'")
-    kwargs, schedule = dict(method=method, mode="global"), "library"
+    kwargs = dict(method=method, mode="global")
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
         if key not in SPEC_KEYS:
             raise argparse.ArgumentTypeError(f"unknown option {key!r} in {spec!r}; options: {list(SPEC_KEYS)}")
-        if key == "schedule":
-            schedule = value
-        else:
-            kwargs[key] = SPEC_KEYS[key](value)
-    if schedule not in ("library", "geometric"):
-        raise argparse.ArgumentTypeError(f"schedule must be library or geometric, got {schedule!r}")
-    if schedule != "library" and kwargs.get("steps", 1) < 2:
-        raise argparse.ArgumentTypeError(f"a {schedule} schedule needs steps ≥ 2")
-    label = f"{method} ({', '.join(f'{k}={v}' for k, v in kwargs.items() if k != 'method')}" + (
-        f", {schedule} schedule)" if schedule != "library" else ")")
-    METHODS[spec] = (label, kwargs, schedule)
+        kwargs[key] = SPEC_KEYS[key](value)
+    METHODS[spec] = (f"{method} ({', '.join(f'{k}={v}' for k, v in kwargs.items() if k != 'method')})", kwargs)
     return spec
 
 
@@ -88,24 +74,9 @@ def is_sampled(name):
     return METHODS[name][1]["method"] != "magnitude"
 
 
-def schedule_targets(target, steps, schedule):
-    if schedule == "library":
-        return [target]
-    if schedule == "geometric":
-        return [1.0 - (1.0 - target) ** ((k + 1) / steps) for k in range(steps)]
-    raise ValueError(f"unknown schedule {schedule!r}")
-
-
 def prune(model, data, target, name, seed):
-    """Prune ``model`` (tfmot-wrapped) in place with method ``name``; returns the last PruningReport."""
-    _, kwargs, schedule = METHODS[name]
-    kwargs = dict(kwargs)
-    if schedule != "library":
-        steps = kwargs.pop("steps")
-        for k, sparsity in enumerate(schedule_targets(target, steps, schedule)):
-            report = tfw.one_shot_prune(model, data, common.LOSS, sparsity, seed=seed + k, verbose=0, **kwargs)
-        return report
-    return tfw.one_shot_prune(model, data, common.LOSS, target, seed=seed, verbose=0, **kwargs)
+    """Prune ``model`` in place with method ``name``; returns the PruningReport."""
+    return tfw.one_shot_prune(model, data, common.LOSS, target, seed=seed, verbose=0, **METHODS[name][1])
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -146,16 +117,15 @@ def load_cnn(args, mnist):
 MODELS = {"mlpnet": ("MLPNet", True, load_mlpnet), "cnn": ("small CNN", False, load_cnn)}
 
 
-def wrapped_copy(dense):
-    """A fresh tfmot-wrapped copy of ``dense``: one_shot_prune keeps its masks in the wrappers between steps."""
+def fresh_copy(dense):
+    """A copy of ``dense`` with its own weights."""
     clone = keras.models.clone_model(dense)
     clone.set_weights(dense.get_weights())
-    return tfmot.sparsity.keras.prune_low_magnitude(clone)
+    return clone
 
 
 # ----------------------------------------------------------------------------------------------- runs
 
-WRAPPER_PREFIX = "prune_low_magnitude_"
 FIELDS = ["model", "method", "target", "seed", "sparsity", "accuracy", "seconds", "layers"]
 
 
@@ -188,14 +158,13 @@ def run_model(key, args, rows, csv_path):
     for index, (name, target, seed) in enumerate(plan):
         if (key, name, target, seed) in done or args.report_only:
             continue
-        model = wrapped_copy(dense)
+        model = fresh_copy(dense)
         tick = time.perf_counter()
         report = prune(model, mnist.train, target, name, seed)
         seconds = time.perf_counter() - tick
-        accuracy = common.accuracy(tfmot.sparsity.keras.strip_pruning(model), mnist.x_test, mnist.y_test)
+        accuracy = common.accuracy(model, mnist.x_test, mnist.y_test)
         row = dict(model=key, method=name, target=target, seed=seed, sparsity=report.sparsity, accuracy=accuracy,
-                   seconds=seconds,
-                   layers={layer.name.replace(WRAPPER_PREFIX, "", 1): layer.sparsity for layer in report.layers})
+                   seconds=seconds, layers={layer.name: layer.sparsity for layer in report.layers})
         rows.append(row)
         append_row(csv_path, row)
         print(f"[{title} {index + 1}/{len(plan)}] {name:<20} target {target:.0%} seed {seed:<5} "
@@ -250,28 +219,26 @@ def layer_table(rows, key, methods, sizes):
     return "\n".join(lines)
 
 
-def plot(rows, infos, methods, sparsities, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(infos), figsize=(6.5 * len(infos), 6.0), squeeze=False)
-    for ax, (key, info) in zip(axes[0], infos.items()):
+def plot(rows, infos, methods, sparsities, stem):
+    """Per model: accuracy against sparsity (``{stem}_{model}.png``) and the per-layer sparsity of the best
+    WoodFisher configuration at 95% (``{stem}_{model}_layers.png``), seed 0. Returns the file names."""
+    names = []
+    for key, info in infos.items():
         summary = summarise(rows, key, methods, sparsities)
-        for name in methods:
-            points = [(s, *summary[name, s][:2]) for s in sparsities if (name, s) in summary]
-            if points:
-                x, mean, sd = map(np.asarray, zip(*points))
-                ax.errorbar(100 * x, 100 * mean, yerr=100 * sd, marker="o", capsize=3, label=METHODS[name][0])
-        ax.axhline(100 * info["dense"], color="grey", linestyle=":", label=f"dense ({info['dense']:.2%})")
-        ax.set(title=f"{info['title']} on MNIST, one-shot, no retraining", xlabel="sparsity (%)",
-               ylabel="top-1 test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        curves = {METHODS[name][0]: [(s, *summary[name, s][:2]) for s in sparsities if (name, s) in summary]
+                  for name in methods}
+        path = f"{stem}_{key}.png"
+        tfw.plots.plot_accuracy_vs_sparsity(curves, path, title=f"{info['title']} on MNIST, one-shot, no retraining",
+                                            dense_accuracy=info["dense"])
+        names.append(os.path.basename(path))
+        best = [r for r in rows if r["model"] == key and r["method"] == "woodfisher_best" and r["target"] == 0.95
+                and r["seed"] == 0]
+        if best:
+            path = f"{stem}_{key}_layers.png"
+            tfw.plots.plot_layer_sparsity(best[0]["layers"], path,
+                                          title=f"{info['title']}: per-layer sparsity, best WoodFisher at 95%")
+            names.append(os.path.basename(path))
+    return names
 
 
 def write_markdown(rows, infos, args, path, elapsed):
@@ -280,17 +247,15 @@ def write_markdown(rows, infos, args, path, elapsed):
              f"({common.environment_line()}).", "",
              "Top-1 accuracy on the official 10k MNIST test set after pruning a fresh copy of the dense model "
              "in one shot, without retraining, to each sparsity of the Dense/Conv kernels (over all of them; "
-             "in every layer for layer-wise magnitude; biases are not pruned). The copy is wrapped with "
-             "tfmot's `prune_low_magnitude`, so that `one_shot_prune` keeps its masks between steps, and "
-             "stripped for the evaluation. Fisher samples come from the training split (the 5k subset); "
+             "in every layer for layer-wise magnitude; biases are not pruned). "
+             "Fisher samples come from the training split (the 5k subset); "
              "methods that sample are run with seeds "
              f"{', '.join(str(s) for s in args.seed_values)} (`seed` argument of `one_shot_prune`) and "
              "shown as mean ± sd; magnitude pruning is deterministic (one run).", "",
              "Configurations (`tfw.one_shot_prune` arguments):", ""]
     for name in args.methods:
-        label, kwargs, schedule = METHODS[name]
-        extra = "" if schedule == "library" else f", {schedule} schedule over the steps"
-        lines.append(f"- {label}: `{', '.join(f'{k}={v!r}' for k, v in kwargs.items())}`{extra}")
+        label, kwargs = METHODS[name]
+        lines.append(f"- {label}: `{', '.join(f'{k}={v!r}' for k, v in kwargs.items())}`")
     lines.append("")
     for key, info in infos.items():
         summary = summarise(rows, key, args.methods, args.sparsities)
@@ -303,7 +268,7 @@ def write_markdown(rows, infos, args, path, elapsed):
                 seconds[r["method"]].append(r["seconds"])
         lines += ["Mean wall-clock seconds per run: " + ", ".join(
             f"{METHODS[m][0]} {np.mean(seconds[m]):.1f}" for m in args.methods if seconds[m]) + ".", ""]
-    lines += [f"![accuracy against sparsity]({os.path.basename(args.png)})", ""]
+    lines += [f"![{name}]({name})" for name in args.plots] + [""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -330,7 +295,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.resume = args.resume or args.report_only
-    args.seed_values = [SEED_STRIDE * i for i in range(args.seeds)]
+    args.seed_values = list(range(args.seeds))
     args.sparsities = tuple(args.sparsities or (QUICK_SPARSITIES if args.quick else SPARSITIES))
     return args
 
@@ -341,20 +306,19 @@ def main(argv=None):
     started = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, f"{args.name}.csv")
-    args.png = os.path.join(args.out, f"{args.name}.png")
     if os.path.exists(csv_path) and not args.resume:
         os.remove(csv_path)
     rows = read_rows(csv_path)
     infos = {key: run_model(key, args, rows, csv_path) for key in args.models}
     rows = [r for r in rows if r["method"] in args.methods and r["target"] in args.sparsities
             and r["model"] in args.models and (r["seed"] in args.seed_values or not is_sampled(r["method"]))]
-    plot(rows, infos, args.methods, args.sparsities, args.png)
+    args.plots = plot(rows, infos, args.methods, args.sparsities, os.path.join(args.out, args.name))
     write_markdown(rows, infos, args, os.path.join(args.out, f"{args.name}.md"), time.perf_counter() - started)
     for key, info in infos.items():
         print(f"\n{info['title']} (dense {info['dense']:.2%})")
         print(accuracy_table(summarise(rows, key, args.methods, args.sparsities), args.methods, args.sparsities,
                              args.seeds))
-    print(f"\nwrote {csv_path}, {args.png} and {args.name}.md in {time.perf_counter() - started:.0f} s")
+    print(f"\nwrote {csv_path}, {', '.join(args.plots)} and {args.name}.md in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

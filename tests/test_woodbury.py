@@ -120,3 +120,22 @@ def test_cholesky_failure_gives_clear_error_when_retries_exhausted():
         warnings.simplefilter("ignore")
         with pytest.raises(CholeskyError, match="float64 or a larger damping"):
             InverseFisher.from_gradients(g, BlockPartition.from_segments([6]), 1e-3)
+
+
+@pytest.mark.parametrize("block_size", [None, 7, 300, "model"])
+def test_column_pieces_match_the_whole_matrix(block_size):
+    """Gradients given as one (m, d_j) piece per segment give the same inverse as the (m, d) matrix."""
+    rng = np.random.default_rng(3)
+    segments = [123, 300, 41, 300]
+    g = gradient_matrix(rng, 64, sum(segments))
+    partition = BlockPartition.from_segments(segments, block_size)
+    pieces = np.split(g, np.cumsum(segments)[:-1], axis=1)
+    whole, split = (InverseFisher.from_gradients(x, partition, 1e-3) for x in (g, pieces))
+    np.testing.assert_allclose(split.diagonal().numpy(), whole.diagonal().numpy(), rtol=1e-6)
+    if block_size is None:  # the two 300-entry tensors: one group of two stacked blocks, or one view each
+        assert [k for c, k, _, _ in whole.forms if c == 300] == [2]
+        assert [k for c, k, _, _ in split.forms if c == 300] == [1, 1]
+    v = rng.normal(size=partition.dim).astype(np.float32)
+    np.testing.assert_allclose(split.matvec(v).numpy(), whole.matvec(v).numpy(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="same number of rows"):
+        InverseFisher.from_gradients([g[:, :123], g[:10, 123:]], partition, 1e-3)

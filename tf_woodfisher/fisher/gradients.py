@@ -117,7 +117,8 @@ def _per_sample_conv_gradients():
 
 
 def make_gradient_fn(forward, variables, loss_fn):
-    """A compiled function (x, y) of shape (g, b, ...) → (g, d) flat gradients of each group's mean loss."""
+    """A compiled function (x, y) of shape (g, b, ...) → a tuple, per variable, of its (g, size) flat
+    gradients of each group's mean loss."""
 
     def one_group(group):
         x, y = group
@@ -125,7 +126,7 @@ def make_gradient_fn(forward, variables, loss_fn):
             tape.watch(variables)
             group_loss = tf.reduce_mean(loss_fn(y, forward(x, training=False)))
         grads = tape.gradient(group_loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return tf.concat([tf.reshape(tf.cast(tf.convert_to_tensor(g), tf.float32), [-1]) for g in grads], 0)
+        return tuple(tf.reshape(tf.cast(tf.convert_to_tensor(g), tf.float32), [-1]) for g in grads)
 
     compiled = tf.function(lambda x, y: tf.vectorized_map(one_group, (x, y)))
 
@@ -167,10 +168,17 @@ def check_loss_on_dataset(forward, loss, dataset):
         _check_loss_matches(forward, per_sample_loss(loss), *tf.nest.map_structure(lambda t: t[0], first))
 
 
-def collect_gradients(forward, variables, dataset, loss, num_gradients, fisher_batch_size=1, mask=None, seed=0,
-                      shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, chunk_gradients=None, on_chunk=None, strategy=None,
-                      dtype=tf.float32):
-    """The (num_gradients, d) matrix of masked gradients, d = total size of ``variables``.
+def collect_gradients(*args, **kwargs):
+    """The (num_gradients, d) matrix of masked gradients, d = total size of ``variables``: the columns
+    of :func:`collect_gradient_columns` (same arguments) side by side."""
+    return tf.concat(collect_gradient_columns(*args, **kwargs), axis=1)
+
+
+def collect_gradient_columns(forward, variables, dataset, loss, num_gradients, fisher_batch_size=1, mask=None, seed=0,
+                             shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, chunk_gradients=None, on_chunk=None,
+                             strategy=None, dtype=tf.float32):
+    """Masked gradients as one (num_gradients, size) matrix per variable, assembled one variable at a
+    time (never two copies of all of them).
 
     forward: a Keras model (called with ``training=False``). variables: the weights to differentiate.
     mask: optional flat (d,) 0/1 tensor multiplied into every row. on_chunk(rows_done): progress hook.
@@ -192,15 +200,18 @@ def collect_gradients(forward, variables, dataset, loss, num_gradients, fisher_b
     loss_fn = per_sample_loss(loss)
     batches = fisher_batches(dataset, forward, num_gradients, fisher_batch_size, chunk_gradients, seed, shuffle_buffer)
     gradient_fn = cached_gradient_fn(forward, variables, loss, executor)
-    rows, done = [], 0
+    masks = [None] * len(sizes) if mask is None else tf.split(mask, sizes)
+    rows, done, finite = [[] for _ in sizes], 0, True
     for x, y in batches:
         if done == 0:
             first_group = tf.nest.map_structure(lambda t: t[0], (x, y))
             _check_loss_matches(forward, loss_fn, *first_group)
             executor.check_consistent([t.numpy() for t in tf.nest.flatten((x, y))], "the Fisher samples")
         chunk = executor.gather(executor.run(gradient_fn, *executor.shard((x, y))), int(tf.nest.flatten(y)[0].shape[0]))
-        rows.append(tf.cast(chunk if mask is None else chunk * mask[None, :], dtype))
-        done += int(chunk.shape[0])
+        for variable_rows, piece, piece_mask in zip(rows, chunk, masks):
+            variable_rows.append(tf.cast(piece if piece_mask is None else piece * piece_mask[None, :], dtype))
+        finite = tf.logical_and(finite, tf.concat([tf.reduce_all(tf.math.is_finite(r[-1]), axis=0) for r in rows], 0))
+        done += int(chunk[0].shape[0])
         if on_chunk is not None:
             on_chunk(done)
     needed = num_gradients * fisher_batch_size
@@ -210,13 +221,19 @@ def collect_gradients(forward, variables, dataset, loss, num_gradients, fisher_b
             f"the Fisher dataset is {'empty' if have == 0 else 'too small'}: it gave {have} usable samples, "
             f"but num_samples × fisher_batch_size = {num_gradients} × {fisher_batch_size} = {needed} are needed"
         )
-    gradients = tf.concat(rows, axis=0)
-    _check_finite(gradients, variables, sizes)
-    return gradients
+    _check_finite(finite.numpy(), variables, sizes)
+    return [_concat_and_clear(variable_rows) for variable_rows in rows]
 
 
-def _check_finite(gradients, variables, sizes):
-    finite = tf.reduce_all(tf.math.is_finite(gradients), axis=0).numpy()
+def _concat_and_clear(pieces):
+    """tf.concat(pieces) along rows, emptying the list so that the pieces are freed as soon as possible."""
+    matrix = tf.concat(pieces, axis=0)
+    pieces.clear()
+    return matrix
+
+
+def _check_finite(finite, variables, sizes):
+    """Raise ValueError naming the first weight with a non-finite gradient; finite: (d,) bool of the columns."""
     if finite.all():
         return
     bad_columns = np.flatnonzero(~finite)

@@ -1,9 +1,10 @@
 """Memory planner of a pruning event: byte estimates of the gradients and of every block group, and
 the plan that keeps them under ``max_memory``.
 
-The estimates count the engine's large buffers: the m × d gradient matrix (twice while its chunks
-are concatenated), one chunk of per-sample gradient rows, each block group's factorisation
-workspace and what the inverse keeps of it, and the event's flat (d,) vectors (weights, masks,
+The estimates count the engine's large buffers: the m × d gradients (one matrix per weight tensor,
+plus the largest one twice while its chunks are concatenated), one chunk of per-sample gradient
+rows, each block group's factorisation workspace and what the inverse keeps of it (a block that is
+a whole tensor is a view of its gradients), and the event's flat (d,) vectors (weights, masks,
 scores, block indices). TensorFlow's runtime, the model's weights and its activations are not
 counted. When the one-pass plan does not fit, consecutive prunable tensors are grouped into stages
 whose gradients are computed one stage at a time (and, when the stages' inverses cannot all be
@@ -71,10 +72,12 @@ def default_chunk(dim, num_gradients):
     return int(np.clip(CHUNK_BYTES // (4 * dim * CHUNK_COPIES), 1, min(num_gradients, MAX_CHUNK_ROWS)))
 
 
-def collection_bytes(dim, num_gradients, itemsize):
-    """Peak bytes while the (num_gradients, dim) matrix is collected: one chunk, and the rows twice (concat)."""
+def collection_bytes(sizes, num_gradients, itemsize):
+    """Peak bytes while the gradients of tensors of ``sizes`` entries are collected: one chunk, the rows,
+    and the largest tensor's rows once more while they are concatenated."""
+    dim = int(sum(sizes))
     chunk = 4 * CHUNK_COPIES * default_chunk(dim, num_gradients) * dim
-    return chunk + 2 * num_gradients * dim * itemsize
+    return chunk + num_gradients * (dim + max(sizes)) * itemsize
 
 
 def block_groups(segment_sizes, block_size):
@@ -98,30 +101,38 @@ def choose_form(m, c):
     return woodbury_choose_form(m, c)
 
 
-def group_bytes(form, num_blocks, m, c, itemsize):
-    """(workspace, kept) bytes of factorising K = num_blocks blocks of c entries from m gradients.
+def group_bytes(form, num_blocks, m, c, itemsize, copied=True):
+    """(workspace, kept, viewed) bytes of factorising K = num_blocks blocks of c entries from m gradients.
 
-    Both forms gather the blocks (K, m, c), twice while they are transposed. Low-rank: then L⁻¹G
-    (K, m, c) next to the blocks, the gram and its factor (K, m, m); it keeps the blocks, the factor
-    and the diagonal. Explicit: F, its factor, the identity and F⁻¹ (K, c, c) next to the blocks; it
-    keeps F⁻¹ and the diagonal.
+    copied: the blocks (K, m, c) are a copy of the gradients (twice while transposed), not a view.
+    Low-rank: then L⁻¹G (K, m, c), the gram and its factor (K, m, m); it keeps the blocks, the factor
+    and the diagonal (viewed: the gradients its views keep alive). Explicit: F, L and L⁻¹ (K, c, c);
+    it keeps L⁻¹ and the diagonal.
     """
     blocks = num_blocks * m * c
+    gathered = 2 * blocks if copied else 0
     if form == "lowrank":
         square = num_blocks * m * m
-        return itemsize * (2 * blocks + 2 * square), itemsize * (blocks + square + num_blocks * c)
+        kept = (blocks if copied else 0) + square + num_blocks * c
+        return itemsize * (gathered + blocks + 2 * square), itemsize * kept, itemsize * blocks * (not copied)
     square = num_blocks * c * c
-    return itemsize * (2 * blocks + 4 * square), itemsize * (square + num_blocks * c)
+    return itemsize * (gathered + 3 * square), itemsize * (square + num_blocks * c), 0
 
 
-def inverse_bytes(groups, m, itemsize):
-    """(peak, kept) bytes of an inverse built group by group, largest blocks first (as InverseFisher does)."""
-    peak = kept = 0
+def inverse_bytes(segment_sizes, block_size, m, itemsize, views=True):
+    """(peak, kept, viewed) bytes of the inverse of tensors of ``segment_sizes`` entries, built group by
+    group, largest blocks first (as InverseFisher does). views: blocks that are whole tensors are views
+    of their gradients (given per tensor, in the inverse's dtype), one group each, never copies."""
+    peak = kept = viewed = 0
+    groups = block_groups(segment_sizes, block_size)
     for c in sorted(groups, reverse=True):
-        workspace, keeps = group_bytes(choose_form(m, c), groups[c], m, c, itemsize)
-        peak = max(peak, kept + workspace)
-        kept += keeps
-    return peak, kept
+        whole = views and groups[c] == sum(size == c for size in segment_sizes)  # every block of size c
+        for count in [1] * groups[c] if whole else [groups[c]]:
+            workspace, keeps, views_kept = group_bytes(choose_form(m, c), count, m, c, itemsize, copied=not whole)
+            peak = max(peak, kept + workspace)
+            kept += keeps
+            viewed += views_kept
+    return peak, kept, viewed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,16 +167,18 @@ class EventShape:
         return self.num_gradients * int(sum(self.segment_sizes[begin:end])) * GRADIENT_DTYPES[self.gradient_dtype]
 
     def stage_bytes(self, begin, end):
-        """(peak, kept) bytes of the stage of tensors [begin, end): collection, then gradients + inverse."""
+        """(peak, kept) bytes of the stage of tensors [begin, end): collection, then gradients + inverse;
+        kept: what its inverse holds (views of its gradients included) once the stage is done."""
         sizes = self.segment_sizes[begin:end]
         dim, m = int(sum(sizes)), self.num_gradients
-        collect = collection_bytes(dim, m, GRADIENT_DTYPES[self.gradient_dtype])
+        collect = collection_bytes(sizes, m, GRADIENT_DTYPES[self.gradient_dtype])
         stored = self.gradient_bytes(begin, end)
-        as_float = m * dim * 4 if self.needs_moments and self.gradient_dtype != "float32" else 0
+        moments = 2 * m * dim * 4 if self.needs_moments else 0  # the float32 matrix and its squares or mean
         if not self.needs_inverse:
-            return max(collect, stored + as_float + m * dim * 4), 0  # + the squares of the diagonal Fisher
-        peak, kept = inverse_bytes(block_groups(sizes, self.block_size), m, COMPUTE_DTYPES[self.dtype])
-        return max(collect, stored + as_float + peak), kept
+            return max(collect, stored + moments), 0
+        peak, kept, viewed = inverse_bytes(sizes, self.block_size, m, COMPUTE_DTYPES[self.dtype],
+                                           views=self.gradient_dtype == self.dtype)
+        return max(collect, stored + max(peak, kept + moments)), kept + viewed
 
 
 @dataclasses.dataclass(frozen=True)

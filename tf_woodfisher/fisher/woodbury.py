@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 
 from tf_woodfisher._keras import tf
-from tf_woodfisher.fisher.blocks import BlockPartition
+from tf_woodfisher.fisher.blocks import BlockGroup, BlockPartition
 from tf_woodfisher.fisher.distributed import executor_for
 
 MAX_DAMPING_RETRIES = 3
@@ -106,8 +106,10 @@ class InverseFisher:
                        strategy=None):
         """Factorise every block of F = λI + (1/m) GᵀG.
 
-        gradients: (m, d) tensor, one gradient per row, of any float dtype (float16/bfloat16 storage is
-        cast to ``dtype`` one group at a time). partition: a :class:`BlockPartition` of d.
+        gradients: (m, d) tensor, one gradient per row, or a list of (m, d_j) tensors holding consecutive
+        columns (one per weight tensor, say: blocks inside one of them are then taken without a copy);
+        any float dtype (float16/bfloat16 storage is cast to ``dtype`` one group at a time).
+        partition: a :class:`BlockPartition` of d.
         damping: λ > 0. dtype: float32 (default) or float64. form: 'auto', 'lowrank' or 'explicit'.
         on_group: optional callable invoked after each group (progress reporting).
         strategy: a ``tf.distribute`` strategy (default: the current one); with several replicas each
@@ -120,16 +122,18 @@ class InverseFisher:
             raise ValueError(f"damping must be a finite number > 0, got {damping}")
         if form not in ("auto", "lowrank", "explicit"):
             raise ValueError(f"form must be 'auto', 'lowrank' or 'explicit', got {form!r}")
-        gradients = tf.convert_to_tensor(gradients)
-        m, d = gradients.shape
+        pieces, offsets = _column_pieces(gradients)
+        m, d = int(pieces[0].shape[0]), int(offsets[-1])
         if d != partition.dim:
             raise ValueError(f"gradients have {d} columns but the partition covers {partition.dim}")
         if m < 1:
             raise ValueError("need at least one gradient")
         executor = executor_for(strategy)
+        if executor.num_replicas == 1:
+            partition = _one_group_per_piece(partition, offsets)
         solved = []
         for group in partition.groups:
-            blocks = _group_blocks(gradients, group, dtype)
+            blocks = _group_blocks(pieces, offsets, group, dtype)
             group_form = choose_form(m, group.block_size) if form == "auto" else form
             solved.append(_solve_group(blocks, group_form, float(damping), dtype, executor))
             if on_group is not None:
@@ -164,17 +168,54 @@ class InverseFisher:
         return tf.gather(flat, self._inverse_order)
 
 
-def _group_blocks(gradients, group, dtype):
-    """The (K, m, c) blocks of ``group`` in ``dtype``. Blocks of consecutive columns are a reshape of one
-    column range (no gathered copy; no copy at all for a single block over every column), others a gather."""
-    m = int(gradients.shape[0])
-    begin, size = int(group.indices[0, 0]), group.indices.size
-    if not np.all(np.diff(group.indices.reshape(-1)) == 1):
-        return tf.cast(tf.transpose(tf.gather(gradients, group.indices, axis=1), [1, 0, 2]), dtype)
-    columns = gradients if size == gradients.shape[1] else gradients[:, begin:begin + size]
-    if group.num_blocks == 1:
-        return tf.cast(tf.reshape(columns, [1, m, size]), dtype)
-    return tf.cast(tf.transpose(tf.reshape(columns, [m, group.num_blocks, group.block_size]), [1, 0, 2]), dtype)
+def _column_pieces(gradients):
+    """(pieces, offsets): the gradients as a list of (m, d_j) column pieces, and the first column of each
+    (plus d at the end). Raises ValueError if the pieces disagree on the number of gradients m."""
+    pieces = [tf.convert_to_tensor(g) for g in gradients] if isinstance(gradients, (list, tuple)) \
+        else [tf.convert_to_tensor(gradients)]
+    rows = {int(piece.shape[0]) for piece in pieces}
+    if len(rows) != 1:
+        raise ValueError(f"the gradient pieces must have the same number of rows, got {sorted(rows)}")
+    return pieces, np.cumsum([0] + [int(piece.shape[1]) for piece in pieces])
+
+
+def _one_group_per_piece(partition, offsets):
+    """``partition`` with each group whose blocks are all whole pieces split into one group per block, so
+    that every such block is a view of its piece, never a stacked copy (same blocks, same order)."""
+    groups = []
+    for group in partition.groups:
+        starts = group.indices[:, 0]
+        piece = np.searchsorted(offsets, starts, side="right") - 1
+        whole = (starts == offsets[piece]) & (offsets[piece + 1] - starts == group.block_size)
+        groups += [BlockGroup(block[None]) for block in group.indices] if group.num_blocks > 1 and whole.all() \
+            else [group]
+    return dataclasses.replace(partition, groups=tuple(groups))
+
+
+def _group_blocks(pieces, offsets, group, dtype):
+    """The (K, m, c) blocks of ``group`` in ``dtype``, taken piece by piece (see :func:`_piece_blocks`).
+
+    Blocks spanning several pieces (block_size='model' over a list) or out of order are gathered from
+    the pieces side by side.
+    """
+    owner = np.searchsorted(offsets, group.indices[:, 0], side="right") - 1
+    if np.any(group.indices[:, -1] >= offsets[owner + 1]) or np.any(np.diff(owner) < 0):
+        pieces, offsets, owner = [tf.concat(pieces, axis=1)], offsets[[0, -1]], np.zeros_like(owner)
+    parts = [_piece_blocks(pieces[j], group.indices[owner == j] - offsets[j]) for j in np.unique(owner)]
+    return tf.cast(parts[0] if len(parts) == 1 else tf.concat(parts, axis=0), dtype)
+
+
+def _piece_blocks(piece, indices):
+    """(K, m, c) blocks of one (m, n) piece, indices (K, c) local to it: consecutive columns are a reshape
+    of a column range (no copy at all for a single block over the whole piece), others a gather."""
+    m, (count, size) = int(piece.shape[0]), indices.shape
+    if not np.all(np.diff(indices.reshape(-1)) == 1):
+        return tf.transpose(tf.gather(piece, indices, axis=1), [1, 0, 2])
+    begin = int(indices[0, 0])
+    columns = piece if indices.size == piece.shape[1] else piece[:, begin:begin + indices.size]
+    if count == 1:
+        return tf.reshape(columns, [1, m, size])
+    return tf.transpose(tf.reshape(columns, [m, count, size]), [1, 0, 2])
 
 
 def _solve_group(blocks, form, damping, dtype, executor):

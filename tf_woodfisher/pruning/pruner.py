@@ -14,7 +14,7 @@ import tensorflow_model_optimization as tfmot
 from tf_woodfisher._keras import tf
 from tf_woodfisher.fisher.blocks import BlockPartition
 from tf_woodfisher.fisher.distributed import executor_for
-from tf_woodfisher.fisher.gradients import DEFAULT_SHUFFLE_BUFFER, collect_gradients
+from tf_woodfisher.fisher.gradients import DEFAULT_SHUFFLE_BUFFER, collect_gradient_columns
 from tf_woodfisher.fisher.memory import GRADIENT_DTYPES, EventShape, block_groups, parse_bytes, plan_memory
 from tf_woodfisher.fisher.woodbury import InverseFisher
 from tf_woodfisher.pruning import scores as scoring
@@ -196,7 +196,7 @@ class Pruner:
         if self.plan is None:
             return None
         tick = time.perf_counter()
-        gradients = collect_gradients(
+        columns = collect_gradient_columns(  # one (m, size) matrix per weight tensor
             self.forward, self.variables[begin:end], self.dataset, self.loss, config.num_samples,
             config.fisher_batch_size, self._columns(mask, stage), seed, config.shuffle_buffer,
             on_chunk=progress.gradient_hook(), strategy=self.strategy, dtype=config.gradient_dtype)
@@ -205,10 +205,9 @@ class Pruner:
         inverse = None
         if scoring.needs_inverse(config.method):
             partition = BlockPartition.from_segments(self.segments[begin:end], config.block_size)
-            inverse = InverseFisher.from_gradients(gradients, partition, config.damping, config.dtype,
+            inverse = InverseFisher.from_gradients(columns, partition, config.damping, config.dtype,
                                                    on_group=progress.advance, strategy=self.strategy)
-        if config.method in MOMENT_METHODS:
-            gradients = tf.cast(gradients, tf.float32)
+        gradients = tf.cast(tf.concat(columns, axis=1), tf.float32) if config.method in MOMENT_METHODS else None
         stats = scoring.FisherStatistics.from_gradients(config.method, gradients, config.damping, inverse)
         self.times.inverse_seconds += time.perf_counter() - tick
         return stats

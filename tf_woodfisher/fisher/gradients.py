@@ -201,17 +201,24 @@ def collect_gradient_columns(forward, variables, dataset, loss, num_gradients, f
     batches = fisher_batches(dataset, forward, num_gradients, fisher_batch_size, chunk_gradients, seed, shuffle_buffer)
     gradient_fn = cached_gradient_fn(forward, variables, loss, executor)
     masks = [None] * len(sizes) if mask is None else tf.split(mask, sizes)
-    rows, done, finite = [[] for _ in sizes], 0, True
+    dtype = tf.as_dtype(dtype)
+    # Rows are written into NumPy buffers (memory that is returned when freed, outside TensorFlow's
+    # caching allocator), one per variable; each becomes a tensor at the end and is freed at once.
+    buffers = [np.empty((num_gradients, size), dtype.as_numpy_dtype) for size in sizes]
+    done, finite = 0, True
     for x, y in batches:
         if done == 0:
             first_group = tf.nest.map_structure(lambda t: t[0], (x, y))
             _check_loss_matches(forward, loss_fn, *first_group)
             executor.check_consistent([t.numpy() for t in tf.nest.flatten((x, y))], "the Fisher samples")
         chunk = executor.gather(executor.run(gradient_fn, *executor.shard((x, y))), int(tf.nest.flatten(y)[0].shape[0]))
-        for variable_rows, piece, piece_mask in zip(rows, chunk, masks):
-            variable_rows.append(tf.cast(piece if piece_mask is None else piece * piece_mask[None, :], dtype))
-        finite = tf.logical_and(finite, tf.concat([tf.reduce_all(tf.math.is_finite(r[-1]), axis=0) for r in rows], 0))
-        done += int(chunk[0].shape[0])
+        stored = [tf.cast(piece if piece_mask is None else piece * piece_mask[None, :], dtype)
+                  for piece, piece_mask in zip(chunk, masks)]
+        finite = tf.logical_and(finite, tf.concat([tf.reduce_all(tf.math.is_finite(s), axis=0) for s in stored], 0))
+        count = int(chunk[0].shape[0])
+        for buffer, rows in zip(buffers, stored):
+            buffer[done:done + count] = rows.numpy()
+        done += count
         if on_chunk is not None:
             on_chunk(done)
     needed = num_gradients * fisher_batch_size
@@ -222,14 +229,13 @@ def collect_gradient_columns(forward, variables, dataset, loss, num_gradients, f
             f"but num_samples × fisher_batch_size = {num_gradients} × {fisher_batch_size} = {needed} are needed"
         )
     _check_finite(finite.numpy(), variables, sizes)
-    return [_concat_and_clear(variable_rows) for variable_rows in rows]
+    return [_pop_tensor(buffers) for _ in sizes]
 
 
-def _concat_and_clear(pieces):
-    """tf.concat(pieces) along rows, emptying the list so that the pieces are freed as soon as possible."""
-    matrix = tf.concat(pieces, axis=0)
-    pieces.clear()
-    return matrix
+def _pop_tensor(buffers):
+    """The first NumPy buffer of the list as a tensor; the buffer is removed (and freed) at once.
+    (``tf.identity`` copies the array once; ``tf.convert_to_tensor`` takes a second, temporary copy.)"""
+    return tf.identity(buffers.pop(0))
 
 
 def _check_finite(finite, variables, sizes):

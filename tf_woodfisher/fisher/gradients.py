@@ -202,9 +202,9 @@ def collect_gradient_columns(forward, variables, dataset, loss, num_gradients, f
     gradient_fn = cached_gradient_fn(forward, variables, loss, executor)
     masks = [None] * len(sizes) if mask is None else tf.split(mask, sizes)
     dtype = tf.as_dtype(dtype)
-    # Rows are written into NumPy buffers (memory that is returned when freed, outside TensorFlow's
-    # caching allocator), one per variable; each becomes a tensor at the end and is freed at once.
-    buffers = [np.empty((num_gradients, size), dtype.as_numpy_dtype) for size in sizes]
+    # Rows go into one NumPy buffer per variable, which becomes a tensor without a copy: the largest
+    # buffers of an event stay out of TensorFlow's caching allocator and are returned when freed.
+    buffers = [_aligned_empty((num_gradients, size), dtype) for size in sizes]
     done, finite = 0, True
     for x, y in batches:
         if done == 0:
@@ -229,13 +229,22 @@ def collect_gradient_columns(forward, variables, dataset, loss, num_gradients, f
             f"but num_samples × fisher_batch_size = {num_gradients} × {fisher_batch_size} = {needed} are needed"
         )
     _check_finite(finite.numpy(), variables, sizes)
-    return [_pop_tensor(buffers) for _ in sizes]
+    return [_shared_tensor(buffer, dtype) for buffer in buffers]
 
 
-def _pop_tensor(buffers):
-    """The first NumPy buffer of the list as a tensor; the buffer is removed (and freed) at once.
-    (``tf.identity`` copies the array once; ``tf.convert_to_tensor`` takes a second, temporary copy.)"""
-    return tf.identity(buffers.pop(0))
+def _aligned_empty(shape, dtype):
+    """An uninitialised NumPy array for ``dtype`` whose data is 64-byte aligned, as tensor buffers must be."""
+    itemsize, count = dtype.size, int(np.prod(shape))
+    raw = np.empty(count * itemsize + 64, np.uint8)
+    offset = -raw.ctypes.data % 64
+    return raw[offset:offset + count * itemsize].view(dtype.as_numpy_dtype).reshape(shape)
+
+
+def _shared_tensor(array, dtype):
+    """A tensor of ``dtype`` over ``array``'s memory (DLPack, no copy); bfloat16 travels as uint16 bits."""
+    storage = array.view(np.uint16) if dtype == tf.bfloat16 else array
+    tensor = tf.experimental.dlpack.from_dlpack(storage.__dlpack__())
+    return tf.bitcast(tensor, dtype) if dtype == tf.bfloat16 else tensor
 
 
 def _check_finite(finite, variables, sizes):

@@ -167,14 +167,7 @@ class Pruner:
         assign_weights(self.weights, flatten(self.variables), mask)
         values = flatten(self.variables)
         self.executor.check_consistent([values.numpy()], "the model's weights")
-        keep = self.plan is None or self.plan.keep_inverse
-        scores, kept = [], []
-        for stage in self.stages:
-            stats = self._statistics(stage, mask, seed, progress)
-            tick = time.perf_counter()
-            scores.append(scoring.importance_scores(config.method, self._columns(values, stage), stats))
-            kept.append(stats if keep else None)
-            self.times.inverse_seconds += time.perf_counter() - tick
+        scores, kept = zip(*[self._scores(stage, values, mask, seed, progress) for stage in self.stages])
         tick = time.perf_counter()
         new_mask = scoring.select_pruned(tf.concat(scores, 0), mask, self.segments, sparsity, config.mode)
         self.times.inverse_seconds += time.perf_counter() - tick
@@ -189,6 +182,14 @@ class Pruner:
     def _columns(self, vector, stage):
         """The entries of a flat (d,) vector that belong to the weights [begin, end) of ``stage``."""
         return vector[self.offsets[stage[0]]:self.offsets[stage[1]]]
+
+    def _scores(self, stage, values, mask, seed, progress):
+        """(scores, statistics if the plan keeps them else None) of the weights of ``stage``."""
+        stats = self._statistics(stage, mask, seed, progress)
+        tick = time.perf_counter()
+        scores = scoring.importance_scores(self.config.method, self._columns(values, stage), stats)
+        self.times.inverse_seconds += time.perf_counter() - tick
+        return scores, stats if self.plan is None or self.plan.keep_inverse else None
 
     def _statistics(self, stage, mask, seed, progress):
         """FisherStatistics of the weights of ``stage`` from their own gradient pass (None for magnitude)."""

@@ -205,16 +205,15 @@ def collect_gradient_columns(forward, variables, dataset, loss, num_gradients, f
     # Rows go into one NumPy buffer per variable, which becomes a tensor without a copy: the largest
     # buffers of an event stay out of TensorFlow's caching allocator and are returned when freed.
     buffers = [_aligned_empty((num_gradients, size), dtype) for size in sizes]
-    done, finite = 0, True
+    done, non_finite = 0, np.zeros(len(sizes), np.int64)
     for x, y in batches:
         if done == 0:
             first_group = tf.nest.map_structure(lambda t: t[0], (x, y))
             _check_loss_matches(forward, loss_fn, *first_group)
             executor.check_consistent([t.numpy() for t in tf.nest.flatten((x, y))], "the Fisher samples")
         chunk = executor.gather(executor.run(gradient_fn, *executor.shard((x, y))), int(tf.nest.flatten(y)[0].shape[0]))
-        stored = [tf.cast(piece if piece_mask is None else piece * piece_mask[None, :], dtype)
-                  for piece, piece_mask in zip(chunk, masks)]
-        finite = tf.logical_and(finite, tf.concat([tf.reduce_all(tf.math.is_finite(s), axis=0) for s in stored], 0))
+        stored, bad = _masked_rows(chunk, masks, dtype)
+        non_finite += bad.numpy()
         count = int(chunk[0].shape[0])
         for buffer, rows in zip(buffers, stored):
             buffer[done:done + count] = rows.numpy()
@@ -228,8 +227,17 @@ def collect_gradient_columns(forward, variables, dataset, loss, num_gradients, f
             f"the Fisher dataset is {'empty' if have == 0 else 'too small'}: it gave {have} usable samples, "
             f"but num_samples × fisher_batch_size = {num_gradients} × {fisher_batch_size} = {needed} are needed"
         )
-    _check_finite(finite.numpy(), variables, sizes)
+    _check_finite(non_finite, variables)
     return [_shared_tensor(buffer, dtype) for buffer in buffers]
+
+
+@tf.function(reduce_retracing=True)
+def _masked_rows(pieces, masks, dtype):
+    """Per variable, rows (g, size) × its mask (size,) (None: no mask) in ``dtype``; and the number of
+    non-finite entries of each variable's rows (a (variables,) int64 vector)."""
+    stored = [tf.cast(rows if mask is None else rows * mask[None, :], dtype) for rows, mask in zip(pieces, masks)]
+    bad = tf.stack([tf.math.count_nonzero(~tf.math.is_finite(rows)) for rows in stored])
+    return stored, bad
 
 
 def _aligned_empty(shape, dtype):
@@ -247,13 +255,12 @@ def _shared_tensor(array, dtype):
     return tf.bitcast(tensor, dtype) if dtype == tf.bfloat16 else tensor
 
 
-def _check_finite(finite, variables, sizes):
-    """Raise ValueError naming the first weight with a non-finite gradient; finite: (d,) bool of the columns."""
-    if finite.all():
+def _check_finite(non_finite, variables):
+    """Raise ValueError naming the first weight with a non-finite gradient; non_finite: count per variable."""
+    if not non_finite.any():
         return
-    bad_columns = np.flatnonzero(~finite)
-    owner = np.searchsorted(np.cumsum(sizes), bad_columns[0], side="right")
+    owner = int(np.flatnonzero(non_finite)[0])
     raise ValueError(
-        f"NaN or infinite gradients in {len(bad_columns)} entries, first in {variables[owner].name}: "
+        f"NaN or infinite gradients in {non_finite.sum()} entries, first in {variables[owner].name}: "
         "check the inputs, the labels and the loss (a log of zero, an overflow)"
     )

@@ -1,11 +1,10 @@
 """Memory planner of a pruning event: byte estimates of the gradients and of every block group, and
 the plan that keeps them under ``max_memory``.
 
-The estimates count the engine's large buffers: the m × d gradients (one matrix per weight tensor,
-plus the largest one twice while its chunks are concatenated), one chunk of per-sample gradient
-rows, each block group's factorisation workspace and what the inverse keeps of it (a block that is
-a whole tensor is a view of its gradients), and the event's flat (d,) vectors (weights, masks,
-scores, block indices). TensorFlow's runtime, the model's weights and its activations are not
+The estimates count the engine's large buffers: the m × d gradients (one matrix per weight tensor),
+one chunk of per-sample gradient rows, each block group's factorisation workspace and what the
+inverse keeps of it (a block that is a whole tensor is a view of its gradients), and the event's
+flat (d,) vectors (weights, masks, scores, block indices). TensorFlow's runtime, the model's weights and its activations are not
 counted. When the one-pass plan does not fit, consecutive prunable tensors are grouped into stages
 whose gradients are computed one stage at a time (and, when the stages' inverses cannot all be
 kept, recomputed for the weight update). Blocks never cross tensors, so a staged event prunes
@@ -72,12 +71,9 @@ def default_chunk(dim, num_gradients):
     return int(np.clip(CHUNK_BYTES // (4 * dim * CHUNK_COPIES), 1, min(num_gradients, MAX_CHUNK_ROWS)))
 
 
-def collection_bytes(sizes, num_gradients, itemsize):
-    """Peak bytes while the gradients of tensors of ``sizes`` entries are collected: one chunk, the rows,
-    and the largest tensor's rows once more while they are concatenated."""
-    dim = int(sum(sizes))
-    chunk = 4 * CHUNK_COPIES * default_chunk(dim, num_gradients) * dim
-    return chunk + num_gradients * (dim + max(sizes)) * itemsize
+def collection_bytes(dim, num_gradients, itemsize):
+    """Peak bytes while the (num_gradients, dim) gradients are collected: the rows so far and one chunk."""
+    return 4 * CHUNK_COPIES * default_chunk(dim, num_gradients) * dim + num_gradients * dim * itemsize
 
 
 def block_groups(segment_sizes, block_size):
@@ -171,7 +167,7 @@ class EventShape:
         kept: what its inverse holds (views of its gradients included) once the stage is done."""
         sizes = self.segment_sizes[begin:end]
         dim, m = int(sum(sizes)), self.num_gradients
-        collect = collection_bytes(sizes, m, GRADIENT_DTYPES[self.gradient_dtype])
+        collect = collection_bytes(dim, m, GRADIENT_DTYPES[self.gradient_dtype])
         stored = self.gradient_bytes(begin, end)
         moments = 2 * m * dim * 4 if self.needs_moments else 0  # the float32 matrix and its squares or mean
         if not self.needs_inverse:

@@ -3,9 +3,11 @@
 usage: _distributed_worker.py mirrored OUT.npz
        _distributed_worker.py multiworker OUT.npz   (TF_CONFIG set: one of the workers)
        _distributed_worker.py single OUT.npz        (the same work on one device, for comparison)
+       _distributed_worker.py disagree OUT.npz      (TF_CONFIG set: worker 1 uses other data, then another model)
 
 Each writes the masks and weights it ends with to OUT.npz.
 """
+import json
 import os
 import sys
 
@@ -19,7 +21,7 @@ ROLE, OUT = sys.argv[1], sys.argv[2]
 if ROLE == "mirrored":
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-elif ROLE == "multiworker":  # collectives must be configured before TensorFlow runs anything
+elif ROLE in ("multiworker", "disagree"):  # collectives must be configured before TensorFlow runs anything
     STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()
 
 import tf_woodfisher as tfw  # noqa: E402
@@ -41,12 +43,13 @@ def full_batch_dataset(steps):
     return data.with_options(options)
 
 
-def one_shot(strategy):
+def one_shot(strategy, method="woodfisher", block_size=2000, damping=1e-5):
+    """Blocks of 2000 entries: the gradient rows are all-gathered; of 20 (< m/2): Gram sums all-reduced."""
     with strategy.scope():
         model = tfw.models.mlpnet(NPZ)
-    report = tfw.one_shot_prune(model, fisher, LOSS, 0.9, num_samples=64, fisher_batch_size=2, block_size=2000,
-                                steps=2, strategy=strategy, verbose=0)
-    return [w.numpy() for w in model.weights], report.sparsity, report.gathered_bytes
+    report = tfw.one_shot_prune(model, fisher, LOSS, 0.9, method=method, num_samples=64, fisher_batch_size=2,
+                                block_size=block_size, damping=damping, steps=2, strategy=strategy, verbose=0)
+    return [w.numpy() for w in model.weights], report.sparsity, [report.gathered_bytes, report.reduced_bytes]
 
 
 def gradual(strategy, steps=12):
@@ -103,13 +106,38 @@ if ROLE == "mirrored":
     one_shot_single, sparsity_single, bytes_single = one_shot(default)
     gradual_mirrored, masks_mirrored, events_mirrored = gradual(mirrored)
     gradual_single, masks_single, events_single = gradual(default)
-    save(one_shot_mirrored=one_shot_mirrored, one_shot_single=one_shot_single,
-         sparsity=[sparsity_mirrored, sparsity_single], gathered_bytes=[bytes_mirrored, bytes_single],
-         gradual_mirrored=gradual_mirrored, gradual_single=gradual_single,
-         masks_mirrored=masks_mirrored, masks_single=masks_single, events=[events_mirrored, events_single],
-         grda_mirrored=grda(mirrored), grda_single=grda(default),
-         replicas=mirrored.num_replicas_in_sync)
+    results = dict(one_shot_mirrored=one_shot_mirrored, one_shot_single=one_shot_single,
+                   sparsity=[sparsity_mirrored, sparsity_single], gathered_bytes=[bytes_mirrored[0], bytes_single[0]],
+                   gradual_mirrored=gradual_mirrored, gradual_single=gradual_single,
+                   masks_mirrored=masks_mirrored, masks_single=masks_single, events=[events_mirrored, events_single],
+                   grda_mirrored=grda(mirrored), grda_single=grda(default),
+                   replicas=mirrored.num_replicas_in_sync)
+    reduced = {}  # blocks of 20 entries: Gram sums all-reduced (WoodTaylor) and squares summed (diagonal Fisher)
+    for name, strategy in (("mirrored", mirrored), ("single", default)):
+        for method in ("woodtaylor", "diagonal_fisher"):  # WoodTaylor's Newton step needs a larger damping
+            weights, _, exchanged = one_shot(strategy, method, 20, damping=0.1)
+            reduced.update({f"{method}_{name}": weights, f"exchanged_{method}_{name}": exchanged})
+    save(**results, **reduced)
+elif ROLE == "disagree":
+    worker = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    errors = []
+    for what in ("data", "model"):
+        with STRATEGY.scope():
+            model = tfw.models.mlpnet(NPZ)
+        data = fisher
+        if worker == 1 and what == "data":
+            data = fisher.skip(1)
+        if worker == 1 and what == "model":
+            model.weights[0].assign_add(tf.one_hot(0, 784)[:, None] * 1e-3 * tf.ones([1, 40]))
+        try:
+            tfw.one_shot_prune(model, data, LOSS, 0.5, num_samples=8, shuffle_buffer=0, strategy=STRATEGY, verbose=0)
+            errors.append("no error")
+        except ValueError as error:
+            errors.append(str(error))
+    np.savez(OUT, errors=np.array(errors))
 else:
     strategy = STRATEGY if ROLE == "multiworker" else tf.distribute.get_strategy()
     weights, masks, events = gradual(strategy)
-    save(gradual=weights, masks=masks, events=events, grda=grda(strategy), replicas=strategy.num_replicas_in_sync)
+    reduced, _, exchanged = one_shot(strategy, block_size=20, damping=0.1)  # sums in another order: λ bounds the error
+    save(gradual=weights, masks=masks, events=events, grda=grda(strategy), replicas=strategy.num_replicas_in_sync,
+         reduced=reduced, exchanged=exchanged)

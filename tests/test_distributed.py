@@ -15,6 +15,7 @@ import pytest
 
 import tf_woodfisher as tfw
 from tf_woodfisher._keras import keras, tf
+from tf_woodfisher.fisher.grams import reduced_bytes
 
 WORKER = pathlib.Path(__file__).with_name("_distributed_worker.py")
 TIMEOUT = 420
@@ -61,6 +62,16 @@ def test_mirrored_strategy_matches_one_device(tmp_path, mnist_dir, mlpnet_npz):
     assert_same(arrays(result, "masks_mirrored"), arrays(result, "masks_single"), atol=0)
     assert_same(arrays(result, "gradual_mirrored"), arrays(result, "gradual_single"), atol=1e-5)
     assert_same(arrays(result, "grda_mirrored"), arrays(result, "grda_single"), atol=1e-5)
+    # Blocks of 20 entries < m/2: each replica sums its gradients' 20 × 20 Gram matrices (WoodTaylor: and the
+    # gradients), or their squares (diagonal Fisher), and only those sums are all-reduced, never the rows.
+    sizes = [784 * 40, 40 * 20, 20 * 10]
+    gram_bytes = 2 * sum(reduced_bytes(size, 20) for size in sizes)  # 2 steps
+    square_bytes = 2 * sum(reduced_bytes(size, 1) for size in sizes)
+    for method, payload in (("woodtaylor", gram_bytes), ("diagonal_fisher", square_bytes)):
+        gathered, reduced = arrays(result, f"exchanged_{method}_mirrored")
+        assert int(reduced) == payload and int(gathered) < gradient_bytes / 10
+        assert list(arrays(result, f"exchanged_{method}_single")) == [0, 0]
+        assert_same(arrays(result, f"{method}_mirrored"), arrays(result, f"{method}_single"), atol=1e-5)
 
 
 def free_port():
@@ -69,17 +80,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_multi_worker_mirrored_strategy_two_processes(tmp_path, mnist_dir, mlpnet_npz):
+def run_two_workers(role, tmp_path, env):
+    """Run ``role`` in 2 MultiWorkerMirroredStrategy worker processes on free localhost ports; their outputs."""
     cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
     processes = []
     try:
         for index in range(2):
             config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
             processes.append(subprocess.Popen(
-                [sys.executable, str(WORKER), "multiworker", str(tmp_path / f"worker{index}.npz")],
-                env=environment(mnist_dir, mlpnet_npz, TF_CONFIG=config), stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True))
-        single = run_worker("single", tmp_path / "single.npz", environment(mnist_dir, mlpnet_npz))
+                [sys.executable, str(WORKER), role, str(tmp_path / f"{role}{index}.npz")],
+                env=dict(env, TF_CONFIG=config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         for process in processes:
             _, stderr = process.communicate(timeout=TIMEOUT)
             assert process.returncode == 0, stderr[-4000:]
@@ -88,15 +98,24 @@ def test_multi_worker_mirrored_strategy_two_processes(tmp_path, mnist_dir, mlpne
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    workers = [np.load(tmp_path / f"worker{i}.npz") for i in range(2)]
+    return [np.load(tmp_path / f"{role}{i}.npz") for i in range(2)]
+
+
+def test_multi_worker_mirrored_strategy_two_processes(tmp_path, mnist_dir, mlpnet_npz):
+    env = environment(mnist_dir, mlpnet_npz)
+    single = run_worker("single", tmp_path / "single.npz", env)
+    workers = run_two_workers("multiworker", tmp_path, env)
     assert [int(w["replicas"]) for w in workers] == [2, 2]
-    for key in ("masks", "gradual", "grda"):  # the two workers end bit-identical
+    for key in ("masks", "gradual", "grda", "reduced"):  # the two workers end bit-identical
         for a, b in zip(arrays(workers[0], key), arrays(workers[1], key)):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(arrays(workers[0], "events"), arrays(single, "events"))
     assert_same(arrays(workers[0], "masks"), arrays(single, "masks"), atol=0)
     assert_same(arrays(workers[0], "gradual"), arrays(single, "gradual"), atol=1e-5)
     assert_same(arrays(workers[0], "grda"), arrays(single, "grda"), atol=1e-5)
+    # One-shot with blocks of 20 entries: Gram sums all-reduced across the two processes.
+    assert int(arrays(workers[0], "exchanged")[1]) > 0 and list(arrays(single, "exchanged")) == [0, 0]
+    assert_same(arrays(workers[0], "reduced"), arrays(single, "reduced"), atol=1e-5)
 
 
 def test_num_samples_not_divisible_by_replicas_and_distributed_dataset(mnist_flat, mlpnet_npz):
@@ -116,19 +135,10 @@ def test_num_samples_not_divisible_by_replicas_and_distributed_dataset(mnist_fla
         tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), distributed, loss, 0.5, num_samples=32, verbose=0)
 
 
-def test_workers_that_disagree_are_detected():
-    from tf_woodfisher.fisher.distributed import ReplicaExecutor
-
-    class DisagreeingStrategy:
-        """Stands for two workers: gather returns what each would contribute."""
-
-        num_replicas_in_sync = 2
-
-        def experimental_distribute_values_from_function(self, fn):
-            return [fn(None), fn(None) + 1]
-
-        def gather(self, values, axis):
-            return tf.concat(values, axis)
-
-    with pytest.raises(ValueError, match="workers disagree on the model's weights"):
-        ReplicaExecutor(DisagreeingStrategy()).check_consistent([np.ones(3)], "the model's weights")
+def test_workers_that_disagree_are_detected(tmp_path, mnist_dir, mlpnet_npz):
+    """Two worker processes: first with different Fisher data, then with different weights; both stop."""
+    workers = run_two_workers("disagree", tmp_path, environment(mnist_dir, mlpnet_npz))
+    for worker in workers:
+        data_error, model_error = worker["errors"]
+        assert "the workers disagree on the Fisher samples" in data_error
+        assert "the workers disagree on the model's weights" in model_error

@@ -5,7 +5,8 @@ import tensorflow_model_optimization as tfmot
 
 import tf_woodfisher as tfw
 from tf_woodfisher._keras import keras, tf
-from tf_woodfisher.fisher.gradients import collect_gradients
+from tf_woodfisher.fisher.grams import BlockGrams
+from tf_woodfisher.fisher.gradients import collect_gradient_columns, collect_gradients
 from tf_woodfisher.pruning.targets import find_prunable_weights
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -136,3 +137,30 @@ def test_strided_dilated_and_padded_convolutions_match_loop(rng):
     got = collect_gradients(model, variables, ds, LOSS, 10, shuffle_buffer=0, chunk_gradients=4).numpy()
     expected = loop_gradients(model, variables, xs, ys, 1)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_gram_sums_of_masked_gradients_match_their_rows(mlpnet_npz, mnist_flat):
+    """reduce_blocks: a variable's masked gradients come back as their block Gram sums, not rows."""
+    (x, y), _ = mnist_flat
+    model = tfw.models.mlpnet(mlpnet_npz)
+    variables = [w.variable for w in find_prunable_weights(model)]
+    sizes = [int(v.shape.num_elements()) for v in variables]
+    mask = tf.constant((np.arange(sum(sizes)) % 3 != 0).astype("float32"))
+    data = tf.data.Dataset.from_tensor_slices((x[:200], y[:200]))
+    rows = collect_gradient_columns(model, variables, data, LOSS, 40, mask=mask, seed=1, chunk_gradients=16)
+    mixed = collect_gradient_columns(model, variables, data, LOSS, 40, mask=mask, seed=1, chunk_gradients=16,
+                                     reduce_blocks=[None, 30, 7])
+    np.testing.assert_array_equal(mixed[0].numpy(), rows[0].numpy())
+    offsets = np.cumsum(sizes)
+    for grams, piece, block, offset in zip(mixed[1:], rows[1:], [30, 7], offsets[:-1]):
+        assert isinstance(grams, BlockGrams) and grams.num_gradients == 40 and grams.block_size == block
+        g = piece.numpy().astype(np.float64)
+        whole = g.shape[1] // block * block
+        expected = np.einsum("gki,gkj->kij", *2 * [g[:, :whole].reshape(40, -1, block)])
+        np.testing.assert_allclose(grams.full.numpy(), expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(grams.rest.numpy()[0], g[:, whole:].T @ g[:, whole:], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(grams.mean_gradient().numpy(), g.mean(axis=0), rtol=1e-4, atol=1e-7)
+        square = grams.mean_square().numpy()
+        np.testing.assert_allclose(square, (g ** 2).mean(axis=0), rtol=1e-4, atol=1e-9)
+        pruned = (offset + np.arange(g.shape[1])) % 3 == 0
+        assert np.all(square[pruned] == 0) and np.count_nonzero(square[~pruned]) > 0.5 * np.sum(~pruned)

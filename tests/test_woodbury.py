@@ -7,6 +7,7 @@ import pytest
 
 from tf_woodfisher._keras import tf
 from tf_woodfisher.fisher import BlockPartition, CholeskyError, InverseFisher
+from tf_woodfisher.fisher.grams import BlockGrams, cheaper_to_reduce, gradient_moments, partial_sums, reduced_bytes
 from tf_woodfisher.fisher.woodbury import choose_form
 
 
@@ -139,3 +140,41 @@ def test_column_pieces_match_the_whole_matrix(block_size):
     np.testing.assert_allclose(split.matvec(v).numpy(), whole.matvec(v).numpy(), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="same number of rows"):
         InverseFisher.from_gradients([g[:, :123], g[:10, 123:]], partition, 1e-3)
+
+
+@pytest.mark.parametrize("block_size", [None, 7, 40])
+def test_gram_sums_match_rows_and_the_dense_inverse(block_size):
+    """Tensors given as BlockGrams (what replicas all-reduce) give the rows' inverse, for any mix of pieces."""
+    rng = np.random.default_rng(5)
+    segments = [123, 41, 30]
+    m, damping = 96, 1e-3
+    g = gradient_matrix(rng, m, sum(segments))
+    partition = BlockPartition.from_segments(segments, block_size)
+    pieces = np.split(g, np.cumsum(segments)[:-1], axis=1)
+    grams = [BlockGrams(m, size if block_size is None else block_size,
+                        *partial_sums(tf.constant(piece), size if block_size is None else block_size))
+             for piece, size in zip(pieces, segments)]
+    expected_diagonal, expected = dense_reference(g, partition, damping)
+    v = rng.normal(size=partition.dim).astype(np.float32)
+    for mixed in ([grams[0], pieces[1], grams[2]], grams):
+        inverse = InverseFisher.from_gradients(mixed, partition, damping)
+        assert {form for _, _, form, _ in inverse.forms} == {"explicit"}
+        assert relative_error(inverse.diagonal().numpy(), expected_diagonal) < 1e-4
+        assert relative_error(inverse.matvec(v).numpy(), expected @ v) < 1e-4
+    mean, square = gradient_moments([grams[0], pieces[1], grams[2]])
+    np.testing.assert_allclose(mean.numpy(), g.mean(axis=0), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(square.numpy(), (g.astype(np.float64) ** 2).mean(axis=0), rtol=1e-5, atol=1e-10)
+    with pytest.raises(ValueError, match="needs gradient rows"):
+        InverseFisher.from_gradients(grams, partition, damping, form="lowrank")
+    other_blocks = BlockPartition.from_segments(segments, 13)
+    with pytest.raises(ValueError, match="are not the blocks of"):
+        InverseFisher.from_gradients(grams, other_blocks, damping)
+
+
+def test_all_reduce_is_chosen_only_when_it_moves_fewer_bytes():
+    # 4 bytes × (n·c + n) summed, twice (ring all-reduce), against m·n rows of 4 bytes.
+    assert reduced_bytes(100, 10) == 4 * (100 * 10 + 100)
+    assert reduced_bytes(105, 10) == 4 * (100 * 10 + 25 + 105)
+    assert cheaper_to_reduce(1000, 10, 64, 4)          # 2·11·4 = 88 < 256 bytes per entry
+    assert not cheaper_to_reduce(1000, 40, 64, 4)      # 2·41·4 = 328 > 256
+    assert not cheaper_to_reduce(1000, 20, 64, 2)      # 168 > 128 with half-precision rows

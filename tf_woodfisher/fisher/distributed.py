@@ -1,7 +1,7 @@
 """Running the Fisher core under ``tf.distribute``: work split along a leading axis across replicas.
 
 An executor shards a tensor (or a nest of tensors) along axis 0, runs a compiled function on each
-shard, and gathers the results back in order. The local executor does all of it in place. The
+shard, and gathers the results back in order (or sums them across replicas). The local executor does all of it in place. The
 replica executor gives replica r (of R, over all workers) rows [r·k, (r+1)·k) of the input
 zero-padded to R·k rows, runs the function on every replica with ``strategy.run``, and
 all-gathers with ``strategy.gather``. Every worker therefore ends with the same full result, so
@@ -21,6 +21,7 @@ class LocalExecutor:
 
     num_replicas = 1
     gathered_bytes = 0
+    reduced_bytes = 0
 
     def shard(self, structure):
         return structure
@@ -29,6 +30,9 @@ class LocalExecutor:
         return fn(*args)
 
     def gather(self, structure, count):
+        return structure
+
+    def reduce_sum(self, structure):
         return structure
 
     def check_consistent(self, arrays, what):
@@ -41,13 +45,15 @@ class LocalExecutor:
 class ReplicaExecutor:
     """Shards along axis 0 over ``strategy.num_replicas_in_sync`` replicas (all workers).
 
-    ``gathered_bytes`` counts the bytes of all-gathered results (each replica receives (R−1)/R of them).
+    ``gathered_bytes`` counts the bytes of all-gathered results (each replica receives (R−1)/R of them);
+    ``reduced_bytes`` the payload of sum all-reduces (a ring all-reduce moves 2(R−1)/R of it per replica).
     """
 
     def __init__(self, strategy):
         self.strategy = strategy
         self.num_replicas = strategy.num_replicas_in_sync
         self.gathered_bytes = 0
+        self.reduced_bytes = 0
 
     def shard(self, structure):
         """A nest of tensors with equal leading size n → a nest of PerReplica shards of ceil(n/R) rows."""
@@ -68,6 +74,15 @@ class ReplicaExecutor:
     def gather(self, structure, count):
         """All-gather PerReplica results along axis 0 and drop the padding rows beyond ``count``."""
         return tf.nest.map_structure(lambda t: self._gather(t)[:count], structure)
+
+    def reduce_sum(self, structure):
+        """Sum-all-reduce a nest of PerReplica values across the replicas: a nest of tensors."""
+        return tf.nest.map_structure(self._reduce, structure)
+
+    def _reduce(self, per_replica):
+        total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        self.reduced_bytes += total.shape.num_elements() * total.dtype.size
+        return total
 
     def _gather(self, per_replica):
         gathered = self.strategy.gather(per_replica, axis=0)

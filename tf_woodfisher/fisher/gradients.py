@@ -13,6 +13,7 @@ from tensorflow.python.ops.parallel_for import pfor as _pfor
 
 from tf_woodfisher._keras import keras, tf
 from tf_woodfisher.fisher.distributed import executor_for
+from tf_woodfisher.fisher.grams import BlockGrams, partial_sums
 from tf_woodfisher.fisher.memory import CHUNK_BYTES, default_chunk  # noqa: F401  (re-exported)
 
 DEFAULT_SHUFFLE_BUFFER = 10_000
@@ -176,7 +177,7 @@ def collect_gradients(*args, **kwargs):
 
 def collect_gradient_columns(forward, variables, dataset, loss, num_gradients, fisher_batch_size=1, mask=None, seed=0,
                              shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, chunk_gradients=None, on_chunk=None,
-                             strategy=None, dtype=tf.float32):
+                             strategy=None, dtype=tf.float32, reduce_blocks=None):
     """Masked gradients as one (num_gradients, size) matrix per variable, assembled one variable at a
     time (never two copies of all of them).
 
@@ -186,6 +187,9 @@ def collect_gradient_columns(forward, variables, dataset, loss, num_gradients, f
     float16 overflows above 65504, bfloat16 keeps float32's range with 8 bits of mantissa).
     strategy: a ``tf.distribute`` strategy (default: the current one); with R replicas each chunk's
     samples are split across them and the rows all-gathered, so every worker gets the whole matrix.
+    reduce_blocks: optional list, per variable, of None (collect its rows) or a block size c: then each
+    replica sums its gradients' c × c block Gram matrices over all its chunks, the sums are all-reduced
+    once at the end, and that variable's entry is a :class:`BlockGrams` instead of a matrix.
     Raises ValueError if the dataset is too small, the loss does not fit, or a gradient is not finite.
     """
     if num_gradients < 1 or fisher_batch_size < 1:
@@ -202,21 +206,29 @@ def collect_gradient_columns(forward, variables, dataset, loss, num_gradients, f
     gradient_fn = cached_gradient_fn(forward, variables, loss, executor)
     masks = [None] * len(sizes) if mask is None else tf.split(mask, sizes)
     dtype = tf.as_dtype(dtype)
+    reduce_blocks = list(reduce_blocks or [None] * len(sizes))
+    gathered = [i for i, block in enumerate(reduce_blocks) if block is None]
+    reduced = [i for i, block in enumerate(reduce_blocks) if block is not None]
     # Rows go into one NumPy buffer per variable, which becomes a tensor without a copy: the largest
     # buffers of an event stay out of TensorFlow's caching allocator and are returned when freed.
-    buffers = [_aligned_empty((num_gradients, size), dtype) for size in sizes]
-    done, non_finite = 0, np.zeros(len(sizes), np.int64)
+    buffers = {i: _aligned_empty((num_gradients, sizes[i]), dtype) for i in gathered}
+    sums, done, non_finite = None, 0, np.zeros(len(sizes), np.int64)
     for x, y in batches:
         if done == 0:
             first_group = tf.nest.map_structure(lambda t: t[0], (x, y))
             _check_loss_matches(forward, loss_fn, *first_group)
             executor.check_consistent([t.numpy() for t in tf.nest.flatten((x, y))], "the Fisher samples")
-        chunk = executor.gather(executor.run(gradient_fn, *executor.shard((x, y))), int(tf.nest.flatten(y)[0].shape[0]))
-        stored, bad = _masked_rows(chunk, masks, dtype)
-        non_finite += bad.numpy()
-        count = int(chunk[0].shape[0])
-        for buffer, rows in zip(buffers, stored):
-            buffer[done:done + count] = rows.numpy()
+        count = int(tf.nest.flatten(y)[0].shape[0])
+        rows = executor.run(gradient_fn, *executor.shard((x, y)))
+        if gathered:
+            chunk = executor.gather(tuple(rows[i] for i in gathered), count)
+            stored, bad = _masked_rows(chunk, [masks[i] for i in gathered], dtype)
+            non_finite[gathered] += bad.numpy()
+            for i, piece in zip(gathered, stored):
+                buffers[i][done:done + count] = piece.numpy()
+        if reduced:
+            sums = executor.run(_accumulate_sums, sums, tuple(rows[i] for i in reduced),
+                                tuple(masks[i] for i in reduced), tuple(reduce_blocks[i] for i in reduced))
         done += count
         if on_chunk is not None:
             on_chunk(done)
@@ -227,8 +239,22 @@ def collect_gradient_columns(forward, variables, dataset, loss, num_gradients, f
             f"the Fisher dataset is {'empty' if have == 0 else 'too small'}: it gave {have} usable samples, "
             f"but num_samples × fisher_batch_size = {num_gradients} × {fisher_batch_size} = {needed} are needed"
         )
+    columns = {i: _shared_tensor(buffer, dtype) for i, buffer in buffers.items()}
+    if reduced:
+        totals = executor.reduce_sum(sums)
+        for i, (full, rest, gradient_sum) in zip(reduced, totals):
+            columns[i] = BlockGrams(num_gradients, reduce_blocks[i], full, rest, gradient_sum)
+            non_finite[i] = int(tf.math.count_nonzero(~tf.math.is_finite(columns[i].mean_square())))
     _check_finite(non_finite, variables)
-    return [_shared_tensor(buffer, dtype) for buffer in buffers]
+    return [columns[i] for i in range(len(sizes))]
+
+
+@tf.function(reduce_retracing=True)
+def _accumulate_sums(previous, pieces, masks, block_sizes):
+    """``previous`` (None on the first chunk) plus the :func:`partial_sums` of each variable's masked rows."""
+    sums = tuple(partial_sums(rows if mask is None else rows * mask[None, :], block)
+                 for rows, mask, block in zip(pieces, masks, block_sizes))
+    return sums if previous is None else tf.nest.map_structure(tf.add, previous, sums)
 
 
 @tf.function(reduce_retracing=True)

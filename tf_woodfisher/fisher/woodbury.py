@@ -5,7 +5,8 @@ For each block, with G (m × c) the block's columns of the m gradients:
 * low-rank (Woodbury) form, cheaper when c > m: with K = mλI + GGᵀ = LLᵀ (m × m),
   F⁻¹ = (I − Gᵀ K⁻¹ G)/λ, so diag(F⁻¹) = (1 − ‖L⁻¹G‖²_col)/λ and F⁻¹v = (v − Gᵀ K⁻¹ G v)/λ;
 * explicit form, cheaper when c ≲ m: Cholesky F = LLᵀ of the c × c matrix and L⁻¹, so that
-  diag(F⁻¹) = ‖L⁻¹‖²_col and F⁻¹v = L⁻ᵀ(L⁻¹v).
+  diag(F⁻¹) = ‖L⁻¹‖²_col and F⁻¹v = L⁻ᵀ(L⁻¹v). It needs only GᵀG, which may come already summed
+  (a :class:`BlockGrams`, as replicas all-reduce it) instead of G.
 
 The low-rank diagonal 1 − ‖L⁻¹g‖² cancels when c ≈ m (every column lies near the span of the
 gradients), so the low-rank form is used only for c ≥ 2m, where it is also the cheaper one; the
@@ -20,6 +21,7 @@ import numpy as np
 from tf_woodfisher._keras import tf
 from tf_woodfisher.fisher.blocks import BlockGroup, BlockPartition
 from tf_woodfisher.fisher.distributed import executor_for
+from tf_woodfisher.fisher.grams import BlockGrams
 
 MAX_DAMPING_RETRIES = 3
 DAMPING_RETRY_FACTOR = 100.0
@@ -60,13 +62,26 @@ def _lowrank_matvec(blocks, factor, damping, vectors):
 
 
 @tf.function(reduce_retracing=True)
-def _explicit_inverse(blocks, damping):
-    """blocks (K, m, c) → L⁻¹ (K, c, c) with LLᵀ = F = λI + GᵀG/m, and diag(F⁻¹) = ‖L⁻¹‖²_col (K, c)."""
-    m = tf.cast(tf.shape(blocks)[1], blocks.dtype)
-    eye = tf.eye(tf.shape(blocks)[2], batch_shape=[1], dtype=blocks.dtype)  # broadcast over the K blocks
-    fisher = tf.matmul(blocks, blocks, transpose_a=True) / m + damping * eye
+def _gram(blocks):
+    """(K, m, c) → GᵀG (K, c, c)."""
+    return tf.matmul(blocks, blocks, transpose_a=True)
+
+
+@tf.function(reduce_retracing=True)
+def _explicit_inverse_of_gram(grams, num_gradients, damping):
+    """grams GᵀG (K, c, c) of m = ``num_gradients`` gradients → L⁻¹ (K, c, c) with LLᵀ = F = λI + GᵀG/m,
+    and diag(F⁻¹) = ‖L⁻¹‖²_col (K, c)."""
+    eye = tf.eye(tf.shape(grams)[2], batch_shape=[1], dtype=grams.dtype)  # broadcast over the K blocks
+    fisher = grams / num_gradients + damping * eye
     inverse_factor = tf.linalg.triangular_solve(tf.linalg.cholesky(fisher), eye, lower=True)
     return inverse_factor, tf.reduce_sum(tf.square(inverse_factor), axis=1)
+
+
+@tf.function(reduce_retracing=True)
+def _explicit_inverse(blocks, damping):
+    """blocks (K, m, c) → as :func:`_explicit_inverse_of_gram` of their Gram matrices."""
+    num_gradients = tf.cast(tf.shape(blocks)[1], blocks.dtype)
+    return _explicit_inverse_of_gram(_gram(blocks), num_gradients, damping)
 
 
 @tf.function(reduce_retracing=True)
@@ -108,7 +123,8 @@ class InverseFisher:
 
         gradients: (m, d) tensor, one gradient per row, or a list of (m, d_j) tensors holding consecutive
         columns (one per weight tensor, say: blocks inside one of them are then taken without a copy);
-        any float dtype (float16/bfloat16 storage is cast to ``dtype`` one group at a time).
+        any float dtype (float16/bfloat16 storage is cast to ``dtype`` one group at a time). An entry of
+        the list may instead be a :class:`BlockGrams` of its columns: its blocks then take the explicit form.
         partition: a :class:`BlockPartition` of d.
         damping: λ > 0. dtype: float32 (default) or float64. form: 'auto', 'lowrank' or 'explicit'.
         on_group: optional callable invoked after each group (progress reporting).
@@ -122,8 +138,8 @@ class InverseFisher:
             raise ValueError(f"damping must be a finite number > 0, got {damping}")
         if form not in ("auto", "lowrank", "explicit"):
             raise ValueError(f"form must be 'auto', 'lowrank' or 'explicit', got {form!r}")
-        pieces, offsets = _column_pieces(gradients)
-        m, d = int(pieces[0].shape[0]), int(offsets[-1])
+        pieces, offsets, m = _column_pieces(gradients)
+        d = int(offsets[-1])
         if d != partition.dim:
             raise ValueError(f"gradients have {d} columns but the partition covers {partition.dim}")
         if m < 1:
@@ -133,9 +149,15 @@ class InverseFisher:
             partition = _one_group_per_piece(partition, offsets)
         solved = []
         for group in partition.groups:
-            blocks = _group_blocks(pieces, offsets, group, dtype)
-            group_form = choose_form(m, group.block_size) if form == "auto" else form
-            solved.append(_solve_group(blocks, group_form, float(damping), dtype, executor))
+            if _owns_grams(pieces, offsets, group):
+                if form == "lowrank":
+                    raise ValueError("form='lowrank' needs gradient rows, but some blocks come as Gram sums")
+                grams = _group_grams(pieces, offsets, group, dtype)
+                solved.append(_solve_group(grams, "explicit", float(damping), dtype, executor, num_gradients=m))
+            else:
+                blocks = _group_blocks(pieces, offsets, group, dtype)
+                group_form = choose_form(m, group.block_size) if form == "auto" else form
+                solved.append(_solve_group(blocks, group_form, float(damping), dtype, executor))
             if on_group is not None:
                 on_group()
         return cls(partition, tuple(solved), dtype, executor)
@@ -169,14 +191,41 @@ class InverseFisher:
 
 
 def _column_pieces(gradients):
-    """(pieces, offsets): the gradients as a list of (m, d_j) column pieces, and the first column of each
-    (plus d at the end). Raises ValueError if the pieces disagree on the number of gradients m."""
-    pieces = [tf.convert_to_tensor(g) for g in gradients] if isinstance(gradients, (list, tuple)) \
-        else [tf.convert_to_tensor(gradients)]
-    rows = {int(piece.shape[0]) for piece in pieces}
+    """(pieces, offsets, m): the gradients as a list of (m, d_j) column pieces or :class:`BlockGrams`, the
+    first column of each (plus d at the end), and m. Raises ValueError if the pieces disagree on m."""
+    pieces = [g if isinstance(g, BlockGrams) else tf.convert_to_tensor(g)
+              for g in (gradients if isinstance(gradients, (list, tuple)) else [gradients])]
+    rows = {piece.num_gradients if isinstance(piece, BlockGrams) else int(piece.shape[0]) for piece in pieces}
     if len(rows) != 1:
         raise ValueError(f"the gradient pieces must have the same number of rows, got {sorted(rows)}")
-    return pieces, np.cumsum([0] + [int(piece.shape[1]) for piece in pieces])
+    widths = [piece.size if isinstance(piece, BlockGrams) else int(piece.shape[1]) for piece in pieces]
+    return pieces, np.cumsum([0] + widths), rows.pop()
+
+
+def _owners(offsets, group):
+    """Index of the piece holding the first entry of each block of ``group``."""
+    return np.searchsorted(offsets, group.indices[:, 0], side="right") - 1
+
+
+def _owns_grams(pieces, offsets, group):
+    return any(isinstance(pieces[j], BlockGrams) for j in np.unique(_owners(offsets, group)))
+
+
+def _group_grams(pieces, offsets, group, dtype):
+    """The (K, c, c) Gram sums GᵀG of the blocks of ``group`` in ``dtype``: taken from the pieces that are
+    :class:`BlockGrams`, computed from the rows of the others. Raises ValueError if a block spans pieces."""
+    owner = _owners(offsets, group)
+    if np.any(group.indices[:, -1] >= offsets[owner + 1]):
+        raise ValueError("a block spans several weight tensors, but some of them come as Gram sums: "
+                         "use a block size within tensors")
+    parts = []
+    for j in np.unique(owner):
+        local = group.indices[owner == j] - offsets[j]
+        if isinstance(pieces[j], BlockGrams):
+            parts.append(tf.cast(pieces[j].grams(local[:, 0], group.block_size), dtype))
+        else:
+            parts.append(_gram(tf.cast(_piece_blocks(pieces[j], local), dtype)))
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
 
 def _one_group_per_piece(partition, offsets):
@@ -198,7 +247,7 @@ def _group_blocks(pieces, offsets, group, dtype):
     Blocks spanning several pieces (block_size='model' over a list) or out of order are gathered from
     the pieces side by side.
     """
-    owner = np.searchsorted(offsets, group.indices[:, 0], side="right") - 1
+    owner = _owners(offsets, group)
     if np.any(group.indices[:, -1] >= offsets[owner + 1]) or np.any(np.diff(owner) < 0):
         pieces, offsets, owner = [tf.concat(pieces, axis=1)], offsets[[0, -1]], np.zeros_like(owner)
     parts = [_piece_blocks(pieces[j], group.indices[owner == j] - offsets[j]) for j in np.unique(owner)]
@@ -218,13 +267,18 @@ def _piece_blocks(piece, indices):
     return tf.transpose(tf.reshape(columns, [m, count, size]), [1, 0, 2])
 
 
-def _solve_group(blocks, form, damping, dtype, executor):
+def _solve_group(blocks, form, damping, dtype, executor, num_gradients=None):
+    """Factorise a group's blocks (K, m, c), or its Gram sums (K, c, c) of ``num_gradients`` gradients."""
     sharded = executor.shard(blocks)
     for attempt in range(MAX_DAMPING_RETRIES + 1):
         try:
             damping_t = tf.constant(damping, dtype)
-            factorise = _lowrank_factor if form == "lowrank" else _explicit_inverse
-            factor, diagonal = executor.run(factorise, sharded, damping_t)
+            if num_gradients is not None:
+                factor, diagonal = executor.run(_explicit_inverse_of_gram, sharded,
+                                                tf.constant(num_gradients, dtype), damping_t)
+            else:
+                factorise = _lowrank_factor if form == "lowrank" else _explicit_inverse
+                factor, diagonal = executor.run(factorise, sharded, damping_t)
             diagonal = executor.gather(diagonal, int(blocks.shape[0]))
             result = _SolvedGroup(form, damping, sharded if form == "lowrank" else None, factor, diagonal)
             if bool(tf.reduce_all(tf.math.is_finite(result.diagonal))) and bool(tf.reduce_all(result.diagonal > 0)):

@@ -38,6 +38,7 @@ class PruningReport:
     inverse_seconds: float
     total_seconds: float
     gathered_bytes: int = 0  # all-gathered across replicas under a tf.distribute strategy
+    reduced_bytes: int = 0  # payload of the sum all-reduces of Gram sums across replicas
 
     @property
     def sparsity(self):
@@ -48,7 +49,7 @@ class PruningReport:
         return {"method": self.method, "mode": self.mode, "target_sparsity": self.target_sparsity,
                 "sparsity": self.sparsity, "steps": self.steps, "gradient_seconds": self.gradient_seconds,
                 "inverse_seconds": self.inverse_seconds, "total_seconds": self.total_seconds,
-                "gathered_bytes": self.gathered_bytes,
+                "gathered_bytes": self.gathered_bytes, "reduced_bytes": self.reduced_bytes,
                 "layers": {layer.name: layer.sparsity for layer in self.layers}}
 
     def __str__(self):
@@ -101,7 +102,9 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
     update: apply the OBS weight update. dtype: 'float32' or 'float64' for the inverse.
     strategy: a ``tf.distribute`` strategy (default: the current one): gradients are split across its
     replicas by sample and the inverse by block (num_samples must divide evenly), and every worker
-    ends with the same masks and weights. verbose: 0 silent, 1 progress bar and table.
+    ends with the same masks and weights. Per weight tensor, the gradient rows are all-gathered, or,
+    when its blocks are small (c < m/2), their c × c Gram sums are all-reduced, whichever moves fewer
+    bytes (``report.gathered_bytes``, ``report.reduced_bytes``). verbose: 0 silent, 1 progress bar and table.
     max_memory: bytes (or '4GB', '512MB') the event's gradients, blocks and vectors may take; None: half
     the memory available now. Over it, the gradients are computed one group of layers at a time
     (recomputed for the update if needed); if no plan fits, a MemoryBudgetError (a ValueError) says
@@ -115,7 +118,7 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
     started = time.perf_counter()
     pruner = Pruner(model, find_prunable_weights(model), dataset, loss, config, strategy)
     start_sparsity = pruner.sparsity()
-    gathered_before = pruner.executor.gathered_bytes
+    exchanged_before = pruner.executor.gathered_bytes, pruner.executor.reduced_bytes
     if start_sparsity > target_sparsity:
         warnings.warn(f"the model is already {start_sparsity:.2%} sparse, above target {target_sparsity:.2%}; "
                       "pruned weights stay pruned", RuntimeWarning, stacklevel=2)
@@ -128,7 +131,8 @@ def one_shot_prune(model, dataset, loss, target_sparsity, method="woodfisher", m
                         on_progress=(lambda done, base=step * units: progbar.update(base + done)) if progbar else None)
     report = PruningReport(method, mode, float(target_sparsity), steps, layer_sparsities(pruner.weights),
                            pruner.times.gradient_seconds, pruner.times.inverse_seconds,
-                           time.perf_counter() - started, pruner.executor.gathered_bytes - gathered_before)
+                           time.perf_counter() - started, pruner.executor.gathered_bytes - exchanged_before[0],
+                           pruner.executor.reduced_bytes - exchanged_before[1])
     if verbose:
         print(report)
     return report

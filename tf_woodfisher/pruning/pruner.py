@@ -15,6 +15,7 @@ from tf_woodfisher._keras import tf
 from tf_woodfisher.fisher.blocks import BlockPartition
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.gradients import DEFAULT_SHUFFLE_BUFFER, collect_gradient_columns
+from tf_woodfisher.fisher.grams import cheaper_to_reduce, gradient_moments
 from tf_woodfisher.fisher.memory import GRADIENT_DTYPES, EventShape, block_groups, parse_bytes, plan_memory
 from tf_woodfisher.fisher.woodbury import InverseFisher
 from tf_woodfisher.pruning import scores as scoring
@@ -197,10 +198,11 @@ class Pruner:
         if self.plan is None:
             return None
         tick = time.perf_counter()
-        columns = collect_gradient_columns(  # one (m, size) matrix per weight tensor
+        columns = collect_gradient_columns(  # per weight tensor: an (m, size) matrix, or its BlockGrams
             self.forward, self.variables[begin:end], self.dataset, self.loss, config.num_samples,
             config.fisher_batch_size, self._columns(mask, stage), seed, config.shuffle_buffer,
-            on_chunk=progress.gradient_hook(), strategy=self.strategy, dtype=config.gradient_dtype)
+            on_chunk=progress.gradient_hook(), strategy=self.strategy, dtype=config.gradient_dtype,
+            reduce_blocks=self.reduced_block_sizes(stage))
         self.times.gradient_seconds += time.perf_counter() - tick
         tick = time.perf_counter()
         inverse = None
@@ -208,10 +210,25 @@ class Pruner:
             partition = BlockPartition.from_segments(self.segments[begin:end], config.block_size)
             inverse = InverseFisher.from_gradients(columns, partition, config.damping, config.dtype,
                                                    on_group=progress.advance, strategy=self.strategy)
-        gradients = tf.cast(tf.concat(columns, axis=1), tf.float32) if config.method in MOMENT_METHODS else None
-        stats = scoring.FisherStatistics.from_gradients(config.method, gradients, config.damping, inverse)
+        moments = gradient_moments(columns) if config.method in MOMENT_METHODS else None
+        stats = scoring.FisherStatistics.for_method(config.method, config.damping, inverse, moments)
         self.times.inverse_seconds += time.perf_counter() - tick
         return stats
+
+    def reduced_block_sizes(self, stage):
+        """Per weight tensor of ``stage``: the block size c whose Gram sums are all-reduced across replicas,
+        where that moves fewer bytes than all-gathering its m gradient rows, else None (see grams.py).
+
+        Diagonal Fisher needs only 1 × 1 blocks (sums of squares); 'model' blocks need the rows.
+        """
+        config = self.config
+        block_size = 1 if config.method == "diagonal_fisher" else config.block_size
+        if self.executor.num_replicas == 1 or block_size == "model":
+            return None
+        itemsize, sizes = GRADIENT_DTYPES[config.gradient_dtype], self.segments[stage[0]:stage[1]]
+        blocks = [size if block_size is None else min(block_size, size) for size in sizes]
+        return [block if cheaper_to_reduce(size, block, config.num_samples, itemsize) else None
+                for size, block in zip(sizes, blocks)]
 
     def _update(self, stage, values, pruned, stats, mask, seed, progress):
         """The OBS-updated values of the weights of ``stage``, rebuilding its statistics if not kept."""

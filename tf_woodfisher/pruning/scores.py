@@ -39,12 +39,13 @@ class FisherStatistics:
     mean_gradient: tf.Tensor = None
 
     @classmethod
-    def from_gradients(cls, method, gradients, damping, inverse=None):
-        """Statistics of an (m, d) gradient matrix for ``method`` (``inverse`` built by the caller)."""
+    def for_method(cls, method, damping, inverse=None, moments=None):
+        """Statistics for ``method`` from an ``inverse`` and ``moments`` = (ḡ, mean(g²)), each (d,), both
+        computed by the caller (None where ``method`` does not use them)."""
         if method == "diagonal_fisher":
-            return cls(fisher_diagonal=damping + tf.reduce_mean(tf.square(gradients), axis=0))
+            return cls(fisher_diagonal=damping + moments[1])
         if method == "woodtaylor":
-            return cls(inverse=inverse, mean_gradient=tf.reduce_mean(gradients, axis=0))
+            return cls(inverse=inverse, mean_gradient=moments[0])
         return cls(inverse=inverse)
 
 

@@ -1,0 +1,87 @@
+"""Gram sums of a weight tensor's blocks: what the explicit form of the inverse needs from its gradients.
+
+For a tensor of n entries cut into consecutive blocks of c entries (the last one may be shorter),
+``BlockGrams`` holds Σᵢ gᵢ[b]gᵢ[b]ᵀ (c × c) for every block b and Σᵢ gᵢ (n,), summed over the m
+gradients. Under several replicas these sums are all-reduced (2·(n·c + n) floats per replica) instead
+of all-gathering the m × n gradient rows; :func:`cheaper_to_reduce` compares the two. Nothing here
+knows about Keras.
+"""
+import dataclasses
+
+import numpy as np
+
+from tf_woodfisher._keras import tf
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockGrams:
+    """Sums over ``num_gradients`` gradients of one tensor of ``size`` entries in blocks of ``block_size``.
+
+    full: (size // block_size, c, c) Gram sums of the whole blocks; rest: (1, r, r) of the last, shorter
+    block (r = 0 when c divides size); gradient_sum: (size,). All float32.
+    """
+
+    num_gradients: int
+    block_size: int
+    full: tf.Tensor
+    rest: tf.Tensor
+    gradient_sum: tf.Tensor
+
+    @property
+    def size(self):
+        return int(self.gradient_sum.shape[0])
+
+    def mean_gradient(self):
+        """ḡ, shape (size,)."""
+        return self.gradient_sum / self.num_gradients
+
+    def mean_square(self):
+        """mean(g²) per entry (the diagonal of GᵀG/m), shape (size,)."""
+        parts = [tf.reshape(tf.linalg.diag_part(self.full), [-1]), tf.linalg.diag_part(self.rest)[0]]
+        return tf.concat(parts, axis=0) / self.num_gradients
+
+    def grams(self, starts, length):
+        """(K, length, length) Gram sums of the blocks beginning at local entries ``starts`` (K,)."""
+        starts = np.asarray(starts)
+        if length == self.block_size and np.all(starts % length == 0):
+            return tf.gather(self.full, starts // length)
+        if 0 < length == self.rest.shape[1] and starts.tolist() == [self.size - length]:
+            return self.rest
+        raise ValueError(f"blocks of {length} entries at {list(starts)} are not the blocks of {self.block_size} "
+                         f"entries whose Gram sums were reduced for this tensor of {self.size} entries")
+
+
+def partial_sums(rows, block_size):
+    """(full, rest, gradient_sum) of ``rows`` (g, n) in blocks of ``block_size``, as in :class:`BlockGrams`."""
+    n = int(rows.shape[1])
+    whole = n // block_size * block_size
+    blocks = tf.reshape(rows[:, :whole], [-1, n // block_size, block_size])
+    tail = rows[:, whole:]
+    return (tf.einsum("gki,gkj->kij", blocks, blocks), tf.matmul(tail, tail, transpose_a=True)[None],
+            tf.reduce_sum(rows, axis=0))
+
+
+def gradient_moments(pieces):
+    """(ḡ, mean(g²)), each (d,) float32, of gradient pieces: (m, n) row matrices or :class:`BlockGrams`."""
+    means, squares = [], []
+    for piece in pieces:
+        if isinstance(piece, BlockGrams):
+            means.append(piece.mean_gradient())
+            squares.append(piece.mean_square())
+        else:
+            rows = tf.cast(piece, tf.float32)
+            means.append(tf.reduce_mean(rows, axis=0))
+            squares.append(tf.reduce_mean(tf.square(rows), axis=0))
+    return tf.concat(means, axis=0), tf.concat(squares, axis=0)
+
+
+def reduced_bytes(size, block_size):
+    """Bytes of the float32 sums of one tensor: n·c (full blocks) + r² (the rest) + n (gradient sum)."""
+    whole = size // block_size * block_size
+    return 4 * (whole * block_size + (size - whole) ** 2 + size)
+
+
+def cheaper_to_reduce(size, block_size, num_gradients, gradient_itemsize):
+    """True when all-reducing the sums (a ring all-reduce moves twice its payload) costs fewer bytes than
+    all-gathering the m × n rows in ``gradient_itemsize``-byte entries."""
+    return 2 * reduced_bytes(size, block_size) < num_gradients * size * gradient_itemsize

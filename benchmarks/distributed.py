@@ -20,7 +20,7 @@ tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU"
 import tf_woodfisher as tfw  # noqa: E402
 from tf_woodfisher._keras import keras  # noqa: E402
 from tf_woodfisher.fisher.blocks import BlockPartition  # noqa: E402
-from tf_woodfisher.fisher.grams import cheaper_to_reduce, reduced_bytes  # noqa: E402
+from tf_woodfisher.fisher.grams import reduced_block_size, reduced_bytes  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NPZ = os.environ.get("TFW_MLPNET_NPZ", os.path.join(REPO, "..", "shared", "models", "mlpnet_mnist_reference.npz"))
@@ -33,8 +33,8 @@ def predicted_bytes(m, segments, block_size, replicas):
     digests per replica (weights and samples)."""
     gathered, reduced = 16 * replicas, 0
     for size in segments:
-        block = size if block_size is None else min(block_size, size)
-        if cheaper_to_reduce(size, block, m, 4):
+        block = reduced_block_size(size, block_size, m, 4)
+        if block:
             reduced += reduced_bytes(size, block)
         else:
             gathered += 4 * m * size

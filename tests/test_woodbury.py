@@ -7,7 +7,8 @@ import pytest
 
 from tf_woodfisher._keras import tf
 from tf_woodfisher.fisher import BlockPartition, CholeskyError, InverseFisher
-from tf_woodfisher.fisher.grams import BlockGrams, cheaper_to_reduce, gradient_moments, partial_sums, reduced_bytes
+from tf_woodfisher.fisher.grams import (BlockGrams, cheaper_to_reduce, gradient_moments, partial_sums,
+                                       reduced_block_size, reduced_bytes)
 from tf_woodfisher.fisher.woodbury import choose_form
 
 
@@ -178,3 +179,6 @@ def test_all_reduce_is_chosen_only_when_it_moves_fewer_bytes():
     assert cheaper_to_reduce(1000, 10, 64, 4)          # 2·11·4 = 88 < 256 bytes per entry
     assert not cheaper_to_reduce(1000, 40, 64, 4)      # 2·41·4 = 328 > 256
     assert not cheaper_to_reduce(1000, 20, 64, 2)      # 168 > 128 with half-precision rows
+    assert reduced_block_size(1000, 10, 64, 4) == 10
+    assert reduced_block_size(5, 10, 64, 4) == 5        # a tensor smaller than the block is one block
+    assert reduced_block_size(1000, None, 64, 4) is None and reduced_block_size(1000, "model", 64, 4) is None

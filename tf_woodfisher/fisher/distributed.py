@@ -4,8 +4,9 @@ An executor shards a tensor (or a nest of tensors) along axis 0, runs a compiled
 shard, and gathers the results back in order (or sums them across replicas). The local executor
 does all of it in place. The replica executor gives replica r (of R, over all workers) rows
 [r·k, (r+1)·k) of the input zero-padded to R·k rows, runs the function on every replica with
-``strategy.run``, and all-gathers with ``strategy.gather`` (sums with ``strategy.reduce``). Every worker therefore ends with the same full result, so
-the scores, thresholds and masks computed from it agree on every replica and worker.
+``strategy.run``, and all-gathers with ``strategy.gather`` (sums with ``strategy.reduce``). Every
+worker therefore ends with the same full result, so the scores, thresholds and masks computed from
+it agree on every replica and worker.
 Per-sample gradients are split by sample and the inverse-Fisher blocks by block.
 """
 import hashlib

@@ -85,3 +85,12 @@ def cheaper_to_reduce(size, block_size, num_gradients, gradient_itemsize):
     """True when all-reducing the sums (a ring all-reduce moves twice its payload) costs fewer bytes than
     all-gathering the m × n rows in ``gradient_itemsize``-byte entries."""
     return 2 * reduced_bytes(size, block_size) < num_gradients * size * gradient_itemsize
+
+
+def reduced_block_size(size, block_size, num_gradients, gradient_itemsize):
+    """The block size whose Gram sums a tensor of ``size`` entries exchanges instead of its rows, or None
+    (rows). block_size: None (the whole tensor), an int, or 'model' (blocks across tensors: rows)."""
+    if block_size == "model":
+        return None
+    block = size if block_size is None else min(block_size, size)
+    return block if cheaper_to_reduce(size, block, num_gradients, gradient_itemsize) else None

@@ -207,6 +207,11 @@ def _owners(offsets, group):
     return np.searchsorted(offsets, group.indices[:, 0], side="right") - 1
 
 
+def _spans_pieces(offsets, group, owner):
+    """True if a block of ``group`` runs past the end of the piece ``owner`` holding its first entry."""
+    return bool(np.any(group.indices[:, -1] >= offsets[owner + 1]))
+
+
 def _owns_grams(pieces, offsets, group):
     return any(isinstance(pieces[j], BlockGrams) for j in np.unique(_owners(offsets, group)))
 
@@ -215,7 +220,7 @@ def _group_grams(pieces, offsets, group, dtype):
     """The (K, c, c) Gram sums GᵀG of the blocks of ``group`` in ``dtype``: taken from the pieces that are
     :class:`BlockGrams`, computed from the rows of the others. Raises ValueError if a block spans pieces."""
     owner = _owners(offsets, group)
-    if np.any(group.indices[:, -1] >= offsets[owner + 1]):
+    if _spans_pieces(offsets, group, owner):
         raise ValueError("a block spans several weight tensors, but some of them come as Gram sums: "
                          "use a block size within tensors")
     parts = []
@@ -248,7 +253,7 @@ def _group_blocks(pieces, offsets, group, dtype):
     the pieces side by side.
     """
     owner = _owners(offsets, group)
-    if np.any(group.indices[:, -1] >= offsets[owner + 1]) or np.any(np.diff(owner) < 0):
+    if _spans_pieces(offsets, group, owner) or np.any(np.diff(owner) < 0):
         pieces, offsets, owner = [tf.concat(pieces, axis=1)], offsets[[0, -1]], np.zeros_like(owner)
     parts = [_piece_blocks(pieces[j], group.indices[owner == j] - offsets[j]) for j in np.unique(owner)]
     return tf.cast(parts[0] if len(parts) == 1 else tf.concat(parts, axis=0), dtype)

@@ -15,7 +15,7 @@ from tf_woodfisher._keras import tf
 from tf_woodfisher.fisher.blocks import BlockPartition
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.gradients import DEFAULT_SHUFFLE_BUFFER, collect_gradient_columns
-from tf_woodfisher.fisher.grams import cheaper_to_reduce, gradient_moments
+from tf_woodfisher.fisher.grams import gradient_moments, reduced_block_size
 from tf_woodfisher.fisher.memory import GRADIENT_DTYPES, EventShape, block_groups, parse_bytes, plan_memory
 from tf_woodfisher.fisher.woodbury import InverseFisher
 from tf_woodfisher.pruning import scores as scoring
@@ -222,13 +222,11 @@ class Pruner:
         Diagonal Fisher needs only 1 × 1 blocks (sums of squares); 'model' blocks need the rows.
         """
         config = self.config
-        block_size = 1 if config.method == "diagonal_fisher" else config.block_size
-        if self.executor.num_replicas == 1 or block_size == "model":
+        if self.executor.num_replicas == 1:
             return None
-        itemsize, sizes = GRADIENT_DTYPES[config.gradient_dtype], self.segments[stage[0]:stage[1]]
-        blocks = [size if block_size is None else min(block_size, size) for size in sizes]
-        return [block if cheaper_to_reduce(size, block, config.num_samples, itemsize) else None
-                for size, block in zip(sizes, blocks)]
+        block_size = 1 if config.method == "diagonal_fisher" else config.block_size
+        return [reduced_block_size(size, block_size, config.num_samples, GRADIENT_DTYPES[config.gradient_dtype])
+                for size in self.segments[stage[0]:stage[1]]]
 
     def _update(self, stage, values, pruned, stats, mask, seed, progress):
         """The OBS-updated values of the weights of ``stage``, rebuilding its statistics if not kept."""

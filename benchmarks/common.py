@@ -1,9 +1,17 @@
-"""Helpers shared by the benchmark scripts: paths, MNIST, the reference models, accuracy, tables.
+"""The one copy of the helpers of the example and benchmark scripts: paths, MNIST, the reference MLPNet,
+accuracy, mean ± sd and percent formatting, markdown tables, CSV files, the command and environment lines.
 
-The scripts import this module as ``common`` (they run as ``python benchmarks/<script>.py``, so this
-folder is on ``sys.path``).
+The benchmarks import it as ``common`` (``python benchmarks/<script>.py`` puts this folder on
+``sys.path``); the examples put this folder on ``sys.path`` first (``python examples/<script>.py``):
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import common
+
+Importing it imports tf_woodfisher before TensorFlow, so that ``tf.keras`` is tf_keras (Keras 2).
 """
+import csv
 import os
+import platform
 import shlex
 import sys
 import time
@@ -12,8 +20,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-import tf_woodfisher as tfw  # noqa: E402  (sets TF_USE_LEGACY_KERAS before TensorFlow)
-from tf_woodfisher._keras import keras, tf  # noqa: E402
+import tf_woodfisher as tfw  # noqa: E402  (first: sets TF_USE_LEGACY_KERAS=1)
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
@@ -21,9 +30,16 @@ CACHE_DIR = os.path.join(REPO_ROOT, "benchmarks", "out")  # git-ignored
 SHARED_DIR = os.path.join(REPO_ROOT, os.pardir, "shared")
 DEFAULT_MNIST_DIR = os.path.join(SHARED_DIR, "datasets", "mnist")
 DEFAULT_MLPNET_NPZ = os.path.join(SHARED_DIR, "models", "mlpnet_mnist_reference.npz")
+MLPNET_ENV_VAR = "TFW_MLPNET_NPZ"
 MLPNET_REFERENCE_ACCURACY = 0.9397
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+MNIST_HELP = "MNIST idx folder (default: $TFW_MNIST_DIR, else ../shared/datasets/mnist next to the repository " \
+             "when present, else tensorflow-datasets)"
+MLPNET_HELP = "reference MLPNet .npz (default: $TFW_MLPNET_NPZ, else ../shared/models/mlpnet_mnist_reference.npz " \
+              "next to the repository)"
 
+
+# ----------------------------------------------------------------------------------------------- data, models
 
 def quiet_tensorflow():
     """Silence TensorFlow's Python-side retracing warnings (the C++ logs are cut by TF_CPP_MIN_LOG_LEVEL)."""
@@ -40,23 +56,35 @@ def mnist_dir(path=None):
 
 
 def mlpnet_npz(path=None):
-    """``path``, else $TFW_MLPNET_NPZ, else ../shared/models/mlpnet_mnist_reference.npz next to the repo."""
-    return path or os.environ.get("TFW_MLPNET_NPZ") or os.path.normpath(DEFAULT_MLPNET_NPZ)
+    """``path``, else $TFW_MLPNET_NPZ, else ../shared/models/mlpnet_mnist_reference.npz next to the repo;
+    exits with an error if there is no file there."""
+    path = os.path.normpath(path or os.environ.get(MLPNET_ENV_VAR) or DEFAULT_MLPNET_NPZ)
+    if not os.path.exists(path):
+        sys.exit(f"error: no MLPNet weights at {path}: pass --weights or set ${MLPNET_ENV_VAR}")
+    return path
 
 
 class Mnist:
-    """The Fisher/training data (training split, shuffled with seed 0) and the official test set."""
+    """The Fisher/training data (training split, shuffled with ``shuffle_seed``) and the official test set.
 
-    def __init__(self, path=None, flatten=False):
+    path: see :func:`mnist_dir` (``self.path`` is the folder used, None for tensorflow-datasets).
+    """
+
+    def __init__(self, path=None, flatten=False, shuffle_seed=0):
         self.path = mnist_dir(path)
         self.flatten = flatten
-        self.x_train, self.y_train = tfw.data.load_mnist("train", self.path, flatten=flatten, shuffle_seed=0)
+        self.x_train, self.y_train = tfw.data.load_mnist("train", self.path, flatten=flatten, shuffle_seed=shuffle_seed)
         self.x_test, self.y_test = tfw.data.load_mnist("test", self.path, flatten=flatten)
         self.train = tf.data.Dataset.from_tensor_slices((self.x_train, self.y_train))
 
+    @property
+    def source(self):
+        """Where the data came from, for messages."""
+        return self.path or "tensorflow-datasets"
+
 
 def accuracy(model, x, y, batch_size=2500):
-    """Top-1 accuracy of a logits model."""
+    """Top-1 accuracy of a logits (or probabilities) model."""
     logits = np.concatenate([model(x[i:i + batch_size], training=False).numpy() for i in range(0, len(x), batch_size)])
     return float(np.mean(logits.argmax(axis=1) == y))
 
@@ -68,10 +96,79 @@ def check_reference_accuracy(value, expected=MLPNET_REFERENCE_ACCURACY, what="re
         sys.exit(f"error: the {what} reaches {value:.2%} instead of {expected:.2%}: wrong weights or data")
 
 
+def kernel_sparsity(variables):
+    """Fraction of exact zeros over all entries of ``variables`` (tensors or variables), in [0, 1]."""
+    arrays = [np.asarray(v) for v in variables]
+    return sum(int(np.count_nonzero(a == 0)) for a in arrays) / sum(a.size for a in arrays)
+
+
+def prunable_kernels(model):
+    """The Dense and Conv2D kernels of a (stripped) model: the weights the pruning methods sparsify."""
+    return [layer.kernel for layer in model.layers if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]
+
+
+def save_weights(model, path):
+    """``model.save_weights(path)``, creating the folder first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    model.save_weights(str(path))
+
+
+def cached_weights(model, path, train):
+    """Load ``model``'s weights from ``path`` (a .weights.h5 file) when it exists, else run ``train(model)``
+    and save the weights there. Returns True when they were loaded."""
+    if os.path.exists(path):
+        model.load_weights(str(path))
+        return True
+    train(model)
+    save_weights(model, path)
+    return False
+
+
+def ramp_steps(num_train, batch_size, ramp_epochs, frequency, what="the ramp"):
+    """(steps per epoch, end_step) of a gradual pruning ramp over ``ramp_epochs`` epochs whose last event
+    falls on a multiple of ``frequency``; exits with an error if the ramp is shorter than one frequency."""
+    steps_per_epoch = -(-num_train // batch_size)
+    ramp = int(ramp_epochs * steps_per_epoch)
+    end_step = ramp // frequency * frequency
+    if end_step < frequency:
+        sys.exit(f"error: {what} ({ramp_epochs:g} epochs = {ramp} steps) is shorter than one --frequency "
+                 f"({frequency} steps)")
+    return steps_per_epoch, end_step
+
+
+# ----------------------------------------------------------------------------------------------- numbers, text
+
 def mean_sd(values):
     """(mean, sample standard deviation; 0 for one value)."""
     values = np.asarray(values, dtype=np.float64)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def plural(count, word, many=None):
+    """'1 epoch', '3 epochs' (``many``: the plural when it is not word + 's', e.g. 'passes')."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
+def percent(fraction, sign=False, missing="—"):
+    """A fraction as a percentage with two decimals: '91.23' ('91.23%' with ``sign``); ``missing`` for None."""
+    return missing if fraction is None else f"{100 * fraction:.2f}{'%' * sign}"
+
+
+def points(difference, missing="—"):
+    """A difference of fractions in percentage points, signed: '+1.23'; ``missing`` for None."""
+    return missing if difference is None else f"{100 * difference:+.2f}"
+
+
+def format_optional(value, spec, missing="—"):
+    """``format(value, spec)``, or ``missing`` for None."""
+    return missing if value is None else format(value, spec)
+
+
+def mean_sd_text(mean, sd=None, sign=False, missing="—"):
+    """'91.23 ± 0.45' (percentages of fractions; '91.23' when ``sd`` is None; '%' after each with ``sign``)."""
+    if mean is None:
+        return missing
+    return percent(mean, sign) + ("" if sd is None else f" ± {percent(sd, sign)}")
 
 
 def markdown_table(header, rows, align=None):
@@ -83,15 +180,62 @@ def markdown_table(header, rows, align=None):
     return "\n".join(lines)
 
 
-def command_line():
-    """The command that is running, as it would be typed from the repository root."""
-    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
-    return " ".join(["python", shlex.quote(script)] + [shlex.quote(a) for a in sys.argv[1:]])
+def write_csv(path, rows, fields=None, float_format=None, append=False):
+    """Write the dicts ``rows`` to ``path`` (columns: ``fields``, default the keys of the first row; other
+    keys are left out). float_format: a format spec for floats ('.6g'), None to write them as they are.
+    append: add the rows to an existing file (the header is written only when the file is new)."""
+    fields = list(fields or rows[0])
+    new = not (append and os.path.exists(path))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w" if new else "a", newline="") as f:
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: format(v, float_format) if float_format and isinstance(v, float) else v
+                             for k, v in row.items()})
+
+
+# ----------------------------------------------------------------------------------------------- provenance
+
+def command_line(argv=None, script=None):
+    """The command that is running (``script`` with ``argv``; default: sys.argv), as typed from the repo root."""
+    script = os.path.relpath(os.path.abspath(script or sys.argv[0]), REPO_ROOT)
+    argv = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", shlex.quote(script)] + [shlex.quote(str(a)) for a in argv])
 
 
 def environment_line():
     """One line naming the software and the machine the numbers come from."""
-    import platform
+    import tensorflow_model_optimization as tfmot
 
-    return (f"TensorFlow {tf.__version__} (CPU), tf_keras {keras.__version__}, NumPy {np.__version__}, "
-            f"Python {platform.python_version()}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
+    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    return (f"TensorFlow {tf.__version__} ({device}), tf_keras {keras.__version__}, tfmot "
+            f"{getattr(tfmot, '__version__', '?')}, NumPy {np.__version__}, Python {platform.python_version()}, "
+            f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {time.strftime('%Y-%m-%d')}")
+
+
+def produced_by(seconds, argv=None, script=None):
+    """'Produced by `<command>` in 1.2 min (<environment>).' for a run of ``seconds``."""
+    return f"Produced by `{command_line(argv, script)}` in {seconds / 60:.1f} min ({environment_line()})."
+
+
+def table_cells(columns, rows):
+    """The cells of a table of ``rows`` (dicts): ``columns`` maps each header to a format template filled
+    with the row's keys ('{seconds:.2f} s') or to a callable row → cell."""
+    return [[fmt(row) if callable(fmt) else fmt.format(**row) for fmt in columns.values()] for row in rows]
+
+
+def write_results(name, rows, title, notes, columns, started, out=RESULTS_DIR, fields=None, align=None):
+    """Write <out>/<name>.csv (rows: a list of dicts; columns ``fields``, default all) and <out>/<name>.md
+    (title, :func:`produced_by` since ``started`` (a time.perf_counter() value), notes, then the table of
+    ``columns`` (see :func:`table_cells`) with the alignment ``align`` of :func:`markdown_table`), and print
+    the markdown."""
+    os.makedirs(out, exist_ok=True)
+    write_csv(os.path.join(out, f"{name}.csv"), rows, fields)
+    table = markdown_table(list(columns), table_cells(columns, rows), align)
+    text = "\n".join([f"# {title}", "", produced_by(time.perf_counter() - started), "", notes, "", table, ""])
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text)
+    print("\n" + text, flush=True)
+    return text

@@ -20,39 +20,39 @@ import json
 import os
 import time
 
+import common  # first: imports tf_woodfisher before TensorFlow
+import tf_woodfisher as tfw
+import tf_keras as keras
 import numpy as np
-
-import common
-from common import keras, tf, tfw
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 QUICK_SPARSITIES = (0.9, 0.95, 0.98)
 LAYER_TABLE_SPARSITIES = (0.9, 0.95, 0.98)
-# name → (label, one_shot_prune keyword arguments). Multi-step runs use one_shot_prune's own steps, each
-# removing the same fraction of the remaining weights.
+# name → (label, overrides of tfw.WoodFisherConfig given to tfw.one_shot_prune). Multi-step runs use the config's
+# steps, each removing the same fraction of the remaining weights.
 METHODS = {
     "magnitude_global": ("global magnitude", dict(method="magnitude", mode="global")),
     "magnitude_layerwise": ("layer-wise magnitude", dict(method="magnitude", mode="layerwise")),
     "diagonal_fisher": ("diagonal Fisher (m=100)",
-                        dict(method="diagonal_fisher", mode="global", num_samples=100, fisher_batch_size=1)),
+                        dict(method="diagonal_fisher", mode="global", num_gradients=100, fisher_batch_size=1)),
     "woodfisher_authors": ("WoodFisher, authors' (m=100, λ=1e-5, 1 step)",
-                           dict(method="woodfisher", mode="global", num_samples=100, fisher_batch_size=1,
-                                block_size=None, damping=1e-5, steps=1)),
-    "woodfisher_best": ("WoodFisher, best (400×10 samples, λ=1e-4, 8 steps, block_size='model')",
-                        dict(method="woodfisher", mode="global", num_samples=400, fisher_batch_size=10,
-                             block_size="model", damping=1e-4, steps=8)),
+                           dict(method="woodfisher", mode="global", num_gradients=100, fisher_batch_size=1,
+                                fisher_block_size=None, damping=1e-5, steps=1)),
+    "woodfisher_best": ("WoodFisher, best (400×10 samples, λ=1e-4, 8 steps, fisher_block_size='model')",
+                        dict(method="woodfisher", mode="global", num_gradients=400, fisher_batch_size=10,
+                             fisher_block_size="model", damping=1e-4, steps=8)),
 }
 DEFAULT_METHODS = tuple(METHODS)
 
 
-SPEC_KEYS = {"mode": str, "num_samples": int, "fisher_batch_size": int, "steps": int, "damping": float,
-             "block_size": lambda v: None if v == "None" else v if v == "model" else int(v)}
+SPEC_KEYS = {"mode": str, "num_gradients": int, "fisher_batch_size": int, "steps": int, "damping": float,
+             "fisher_block_size": lambda v: None if v == "None" else v if v == "model" else int(v)}
 
 
 def register_method(spec):
     """``spec``: a name of METHODS, or 'method:key=value,...' (keys: SPEC_KEYS), registered under the spec itself.
 
-    Example: 'woodfisher:num_samples=400,fisher_batch_size=10,steps=8,damping=1e-4'.
+    Example: 'woodfisher:num_gradients=400,fisher_batch_size=10,steps=8,damping=1e-4'.
     """
     if spec in METHODS:
         return spec
@@ -90,22 +90,20 @@ def load_mlpnet(args, mnist):
 
 def load_cnn(args, mnist):
     """small_cnn trained on the (shuffled) training split; weights cached under benchmarks/out/."""
-    path = os.path.join(common.CACHE_DIR, f"small_cnn_mnist_e{args.cnn_epochs}_s{args.cnn_seed}.npz")
+    path = os.path.join(common.CACHE_DIR, f"small_cnn_mnist_e{args.cnn_epochs}_s{args.cnn_seed}.weights.h5")
+    keras.utils.set_random_seed(args.cnn_seed)
     model = tfw.models.small_cnn()
-    if os.path.exists(path):
-        with np.load(path) as arrays:
-            model.set_weights([arrays[f"w{i}"] for i in range(len(arrays.files))])
+
+    def train(model):
+        model.compile(keras.optimizers.Adam(1e-3), common.LOSS, metrics=["accuracy"])
+        model.fit(mnist.x_train, mnist.y_train, batch_size=64, epochs=args.cnn_epochs, shuffle=True, verbose=0)
+
+    tick = time.perf_counter()
+    if common.cached_weights(model, path, train):
         print(f"small CNN: cached weights {os.path.relpath(path, common.REPO_ROOT)}", flush=True)
     else:
-        keras.utils.set_random_seed(args.cnn_seed)
-        model = tfw.models.small_cnn()
-        model.compile(keras.optimizers.Adam(1e-3), common.LOSS, metrics=["accuracy"])
-        tick = time.perf_counter()
-        model.fit(mnist.x_train, mnist.y_train, batch_size=64, epochs=args.cnn_epochs, shuffle=True, verbose=0)
-        print(f"small CNN: trained {args.cnn_epochs} epochs on {len(mnist.y_train):,} samples in "
+        print(f"small CNN: trained {common.plural(args.cnn_epochs, 'epoch')} on {len(mnist.y_train):,} samples in "
               f"{time.perf_counter() - tick:.0f} s", flush=True)
-        os.makedirs(common.CACHE_DIR, exist_ok=True)
-        np.savez(path, **{f"w{i}": w for i, w in enumerate(model.get_weights())})
     accuracy = common.accuracy(model, mnist.x_test, mnist.y_test)
     print(f"small CNN: dense test accuracy {accuracy:.2%}", flush=True)
     recipe = (f"`tfw.models.small_cnn()` trained {args.cnn_epochs} epochs with Adam (lr 1e-3, batch 64, "
@@ -139,12 +137,7 @@ def read_rows(path):
 
 
 def append_row(path, row):
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(dict(row, layers=json.dumps(row["layers"])))
+    common.write_csv(path, [dict(row, layers=json.dumps(row["layers"]))], FIELDS, append=True)
 
 
 def run_model(key, args, rows, csv_path):
@@ -190,8 +183,8 @@ def cell(stats, expected):
     if stats is None:
         return "–"
     mean, sd, n = stats
-    text = f"{mean:.2%}" if n == 1 else f"{mean:.2%} ± {sd:.2%}"
-    return text if n == expected else f"{text} ({n} seed{'s' * (n > 1)})"
+    text = common.mean_sd_text(mean, sd if n > 1 else None, sign=True)
+    return text if n == expected else f"{text} ({common.plural(n, 'seed')})"
 
 
 def accuracy_table(summary, methods, sparsities, seeds):
@@ -243,8 +236,7 @@ def plot(rows, infos, methods, sparsities, stem):
 
 def write_markdown(rows, infos, args, path, elapsed):
     lines = ["# One-shot pruning on MNIST (no retraining)", "",
-             f"Produced by `{common.command_line()}` in {elapsed / 60:.1f} min "
-             f"({common.environment_line()}).", "",
+             common.produced_by(elapsed), "",
              "Top-1 accuracy on the official 10k MNIST test set after pruning a fresh copy of the dense model "
              "in one shot, without retraining, to each sparsity of the Dense/Conv kernels (over all of them; "
              "in every layer for layer-wise magnitude; biases are not pruned). "
@@ -252,7 +244,7 @@ def write_markdown(rows, infos, args, path, elapsed):
              "methods that sample are run with seeds "
              f"{', '.join(str(s) for s in args.seed_values)} (`seed` argument of `one_shot_prune`) and "
              "shown as mean ± sd; magnitude pruning is deterministic (one run).", "",
-             "Configurations (`tfw.one_shot_prune` arguments):", ""]
+             "Configurations (`tfw.one_shot_prune` overrides of `tfw.WoodFisherConfig`):", ""]
     for name in args.methods:
         label, kwargs = METHODS[name]
         lines.append(f"- {label}: `{', '.join(f'{k}={v!r}' for k, v in kwargs.items())}`")
@@ -288,8 +280,8 @@ def parse_args(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the table, plot and markdown from the runs in the CSV "
                              "(implies --resume)")
-    parser.add_argument("--data-dir", help="MNIST idx folder (default: $TFW_MNIST_DIR or ../shared/datasets/mnist)")
-    parser.add_argument("--weights", help="MLPNet .npz (default: $TFW_MLPNET_NPZ or ../shared/models/...)")
+    parser.add_argument("--data-dir", help=common.MNIST_HELP)
+    parser.add_argument("--weights", help=common.MLPNET_HELP)
     parser.add_argument("--cnn-epochs", type=int, default=3)
     parser.add_argument("--cnn-seed", type=int, default=0)
     args = parser.parse_args(argv)

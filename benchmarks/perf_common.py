@@ -1,16 +1,25 @@
-"""Helpers of the perf_*.py benchmarks: resident memory sampling, matmul throughput, medians, CSV/markdown output.
+"""Helpers of the perf_*.py benchmarks only: resident memory sampling, matmul throughput, medians.
 
 Timings on a shared machine are noisy: every script reports medians of repeats and ratios against a
-baseline measured in the same process, right before the case it is compared with.
+baseline measured in the same process, right before the case it is compared with. The helpers that the
+examples share (tables, CSV and markdown output, provenance lines) are in common.py.
 """
-import csv
+import json
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
-import common
-from common import tf
+import common  # noqa: F401  (first: imports tf_woodfisher before TensorFlow)
+import tensorflow as tf
+import tf_keras as keras
+from tf_woodfisher.fisher.gradients import collect_gradients, make_gradient_fn
+
+# Per-sample cross-entropies (the numerical core takes (y_true, y_pred) → losses of shape (n,)).
+LOGITS_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=keras.losses.Reduction.NONE)
+PROBABILITIES_LOSS = keras.losses.SparseCategoricalCrossentropy(reduction=keras.losses.Reduction.NONE)
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
@@ -53,14 +62,21 @@ class PeakRSS:
         return self.peak - self.start
 
 
+def timed(fn):
+    """(result of ``fn()``, wall-clock seconds it took)."""
+    tick = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - tick
+
+
+def repeat_seconds(fn, repeats):
+    """Wall-clock seconds of each of ``repeats`` calls of ``fn()`` (call it once before to warm up)."""
+    return [timed(fn)[1] for _ in range(repeats)]
+
+
 def median_seconds(fn, repeats):
     """Median wall-clock seconds of ``repeats`` calls of ``fn()`` (call it once before to warm up)."""
-    seconds = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - tick)
-    return statistics.median(seconds)
+    return statistics.median(repeat_seconds(fn, repeats))
 
 
 def matmul_gflops(size=2048, repeats=5, dtype=tf.float32):
@@ -72,19 +88,32 @@ def matmul_gflops(size=2048, repeats=5, dtype=tf.float32):
     return 2 * size ** 3 / median_seconds(lambda: product(a, b).numpy(), repeats) / 1e9
 
 
-def write_results(name, rows, title, notes, table_header, table_rows, started):
-    """Write benchmarks/results/<name>.csv (rows: list of dicts) and <name>.md (title, command, notes, table)."""
-    os.makedirs(common.RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(common.RESULTS_DIR, f"{name}.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    text = "\n".join([
-        f"# {title}", "",
-        f"Produced by `{common.command_line()}` in {(time.perf_counter() - started) / 60:.1f} min "
-        f"({common.environment_line()}).", "",
-        notes, "",
-        common.markdown_table(table_header, table_rows), ""])
-    with open(os.path.join(common.RESULTS_DIR, f"{name}.md"), "w") as f:
-        f.write(text)
-    print("\n" + text, flush=True)
+class ModelGradients:
+    """The numerical core's gradient engine (``fisher.gradients.collect_gradients``) for a Keras ``model``
+    in inference mode, its gradient function compiled once and reused by every call.
+
+    loss_fn: per-sample losses (y_true, y_pred) → (n,), e.g. LOGITS_LOSS.
+    ``self(dataset, num_gradients, **kwargs)``: the (num_gradients, d) matrix of the ``variables``' gradients
+    (kwargs: those of collect_gradients, e.g. shuffle_buffer=0).
+    """
+
+    def __init__(self, model, variables, loss_fn=LOGITS_LOSS):
+        self.forward = lambda x: model(x, training=False)
+        self.variables, self.loss_fn = list(variables), loss_fn
+        self.gradient_fn = make_gradient_fn(self.forward, self.variables, loss_fn)
+
+    def __call__(self, dataset, num_gradients, **kwargs):
+        return collect_gradients(self.forward, self.variables, dataset, self.loss_fn, num_gradients,
+                                 gradient_fn=self.gradient_fn, **kwargs)
+
+
+def run_child(what, *args):
+    """Run this script again as ``python <script> *args`` (a case in a fresh process, which prints its result
+    as one JSON line) and return that result as a dict; exit with the child's output if it fails."""
+    command = [sys.executable, sys.argv[0], *map(str, args)]
+    print(f"{what}: running {' '.join(command[1:])}", flush=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode or not lines:
+        sys.exit(f"{what} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1])

@@ -4,8 +4,10 @@ Random weights and synthetic inputs (ResNet-20: 32×32×3, 10 classes; ResNet-50
 ``tf_keras.applications.ResNet50(weights=None)``, 224×224×3, 1000 classes, its softmax output with
 the cross-entropy on probabilities). Each case runs in a fresh process so that its peak resident
 memory (``ru_maxrss``: TensorFlow, model, data and the pruning event) is its own. Wall time is split
-into the gradient passes, the inverse (InverseFisher.from_gradients), and scores + selection + OBS
-update + writing the weights; the planner's plan and estimate are reported with it.
+as the PruningReport splits it: the gradient passes (``gradient_seconds``), the factorisation of the
+inverse (``inverse_seconds``), and scores + selection + OBS update (``scoring_seconds``); the rest of
+``total_seconds`` (writing the weights, checks) is 'other'. The planner's plan and estimate are
+reported with it.
 
     python benchmarks/perf_end_to_end.py                                   # all cases below
     python benchmarks/perf_end_to_end.py --cases resnet50:4GB              # one case
@@ -16,21 +18,20 @@ Outputs: benchmarks/results/perf_end_to_end.csv and .md.
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-import common
+import common  # first: imports tf_woodfisher before TensorFlow
 import perf_common
-from common import keras, tf, tfw
-from tf_woodfisher.fisher import woodbury
+import tf_woodfisher as tfw
+import tensorflow as tf
+import tf_keras as keras
 from tf_woodfisher.pruning import pruner
 
 CASES = ("resnet20:default", "resnet50:default", "resnet50:4GB")
 SPARSITY = 0.9
-NUM_SAMPLES = 64
+NUM_GRADIENTS = 64
 
 
 def build(name):
@@ -50,7 +51,10 @@ def synthetic_data(shape, classes, count, seed=0):
 
 
 class Spy:
-    """Wraps ``owner.name`` while active: adds up the seconds spent in it and keeps its last result."""
+    """Wraps ``owner.name`` while active: adds up the seconds spent in it and keeps its last result.
+
+    Used on ``tf_woodfisher.pruning.pruner.plan_memory``, to get the memory plan of the event.
+    """
 
     def __init__(self, owner, name):
         self.owner, self.name, self.original = owner, name, getattr(owner, name)
@@ -76,33 +80,27 @@ def run_case(case):
     """One pruning event in this process → a dict of timings, plan and memory."""
     name, budget = case.split(":")
     model, loss, shape, classes = build(name)
-    data = synthetic_data(shape, classes, 4 * NUM_SAMPLES)
+    data = synthetic_data(shape, classes, 4 * NUM_GRADIENTS)
     weights = tfw.find_prunable_weights(model)
     max_memory = None if budget == "default" else budget
-    with Spy(woodbury.InverseFisher, "from_gradients") as inverse, Spy(pruner, "plan_memory") as planner, \
-            perf_common.PeakRSS(interval=0.05) as rss:
-        report = tfw.one_shot_prune(model, data, loss, SPARSITY, num_samples=NUM_SAMPLES, block_size=None,
-                                    shuffle_buffer=4 * NUM_SAMPLES, max_memory=max_memory, verbose=0)
+    with Spy(pruner, "plan_memory") as planner, perf_common.PeakRSS(interval=0.05) as rss:
+        report = tfw.one_shot_prune(model, data, loss, SPARSITY, num_gradients=NUM_GRADIENTS, fisher_block_size=None,
+                                    shuffle_buffer=4 * NUM_GRADIENTS, max_memory=max_memory, verbose=0)
     plan = planner.result
     return dict(case=case, model=name, weights=sum(w.size for w in weights), tensors=len(weights),
                 max_memory=budget, plan=str(plan), stages=len(plan.stages), gradient_passes=plan.gradient_passes,
                 estimate_gb=plan.peak_bytes / 1e9, total_s=report.total_seconds,
-                gradients_s=report.gradient_seconds, inverse_s=inverse.seconds,
-                scores_update_s=report.inverse_seconds - inverse.seconds,
-                other_s=report.total_seconds - report.gradient_seconds - report.inverse_seconds,
+                gradients_s=report.gradient_seconds, inverse_s=report.inverse_seconds,
+                scores_update_s=report.scoring_seconds,
+                other_s=report.total_seconds - report.gradient_seconds - report.inverse_seconds
+                - report.scoring_seconds,
                 rss_before_gb=rss.start / 1e9, event_peak_rss_gb=rss.peak / 1e9,
                 process_peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
                 sparsity=report.sparsity)
 
 
 def run_in_child(case):
-    command = [sys.executable, sys.argv[0], "--case", case]
-    print(f"{case}: running {' '.join(command[1:])}", flush=True)
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode or not lines:
-        sys.exit(f"{case} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    row = json.loads(lines[-1])
+    row = perf_common.run_child(case, "--case", case)
     print(f"  {row['total_s']:.0f} s, peak RSS {row['process_peak_rss_gb']:.2f} GB, {row['plan']}", flush=True)
     return row
 
@@ -118,21 +116,24 @@ def main(argv=None):
         return
     started = time.perf_counter()
     rows = [run_in_child(case) for case in args.cases]
-    notes = (f"One-shot global WoodFisher to {SPARSITY:.0%} sparsity, m = {NUM_SAMPLES} single-sample gradients, "
-             "one block per layer (`block_size=None`), λ = 1e-5, float32; one process per case. Times are wall "
-             "clock of one run (the whole event, tracing included); `max_memory=default` is half the memory "
+    notes = (f"One-shot global WoodFisher to {SPARSITY:.0%} sparsity, m = {NUM_GRADIENTS} single-sample gradients, "
+             "one block per layer (`fisher_block_size=None`), λ = 1e-5, float32; one process per case. Times are "
+             "wall clock of one run (the whole event, tracing included), split as the PruningReport splits them: "
+             "gradients = `gradient_seconds`, inverse = `inverse_seconds` (the factorisation only), scores + update "
+             "= `scoring_seconds` (scores, selection, OBS update), other = the rest of `total_seconds`. "
+             "`max_memory=default` is half the memory "
              "available when the event is planned. Peak RSS is the process's maximum resident memory "
              "(TensorFlow, model, data, event); the planner's estimate counts only the event's buffers "
              "(gradients, blocks, flat vectors). Machine shared with other jobs.")
-    table = [[r["model"], f"{r['weights']:,} ({r['tensors']})", r["max_memory"],
-              f"{r['stages']} stage{'s' * (r['stages'] > 1)}, {r['gradient_passes']} pass"
-              f"{'es' * (r['gradient_passes'] > 1)}", f"{r['total_s']:.0f}", f"{r['gradients_s']:.0f}",
-              f"{r['inverse_s']:.1f}", f"{r['scores_update_s']:.1f}", f"{r['other_s']:.1f}",
-              f"{r['estimate_gb']:.2f}", f"{r['process_peak_rss_gb']:.2f}"] for r in rows]
-    perf_common.write_results(
-        "perf_end_to_end", rows, "End to end: one-shot global WoodFisher of ResNet-20 and ResNet-50", notes,
-        ["model", "prunable weights (tensors)", "max_memory", "plan", "total s", "gradients s", "inverse s",
-         "scores + update s", "other s", "planner estimate GB", "peak RSS GB"], table, started)
+    columns = {
+        "model": "{model}", "prunable weights (tensors)": "{weights:,} ({tensors})", "max_memory": "{max_memory}",
+        "plan": lambda r: f"{common.plural(r['stages'], 'stage')}, "
+                          f"{common.plural(r['gradient_passes'], 'pass', 'passes')}",
+        "total s": "{total_s:.0f}", "gradients s": "{gradients_s:.0f}", "inverse (factorisation) s": "{inverse_s:.1f}",
+        "scores + update s": "{scores_update_s:.1f}", "other s": "{other_s:.1f}",
+        "planner estimate GB": "{estimate_gb:.2f}", "peak RSS GB": "{process_peak_rss_gb:.2f}"}
+    common.write_results("perf_end_to_end", rows, "End to end: one-shot global WoodFisher of ResNet-20 and ResNet-50",
+                         notes, columns, started)
 
 
 if __name__ == "__main__":

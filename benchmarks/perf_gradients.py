@@ -6,8 +6,9 @@ methods interleaved repeat by repeat (medians reported):
 * eager loop: the plain loop, ``with tf.GradientTape(): loss(model(x_i))`` then ``tape.gradient``
   per sample, rows flattened with NumPy (as a user would write it, and as tests/test_gradients.py checks);
 * compiled loop: the same one-sample gradient inside a ``tf.function``, called once per sample;
-* engine: ``collect_gradients`` (data pipeline, vectorised chunks, mask, assembly of the m × d matrix),
-  after a first call that compiles it (its time is reported apart);
+* engine: the core's ``fisher.gradients.collect_gradients`` (data pipeline, vectorised chunks, mask,
+  assembly of the m × d matrix) with one compiled ``make_gradient_fn``, after a first call that
+  compiles it (its time is reported apart);
 * batched: one gradient of the mean loss of the whole batch — not per-sample, the hardware's reference.
 
     python benchmarks/perf_gradients.py
@@ -20,19 +21,18 @@ import time
 
 import numpy as np
 
-import common
-import perf_common
-from common import keras, tf, tfw
-from tf_woodfisher.fisher.gradients import collect_gradients, per_sample_loss
+import common  # first: imports tf_woodfisher before TensorFlow
+import tf_woodfisher as tfw
+import tensorflow as tf
+import tf_keras as keras
+from perf_common import LOGITS_LOSS, PROBABILITIES_LOSS, ModelGradients, timed
 
-LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-# name → (builder, input shape, classes, loss, engine samples, loop samples)
+# name → (builder, input shape, classes, per-sample loss, engine samples, loop samples)
 MODELS = {
-    "mlpnet": (tfw.models.mlpnet, (784,), 10, LOGITS, 1024, 64),
-    "small_cnn": (tfw.models.small_cnn, (28, 28, 1), 10, LOGITS, 512, 64),
-    "resnet20": (tfw.models.resnet20, (32, 32, 3), 10, LOGITS, 256, 32),
-    "resnet50": (lambda: keras.applications.ResNet50(weights=None), (224, 224, 3), 1000,
-                 keras.losses.SparseCategoricalCrossentropy(), 16, 4),
+    "mlpnet": (tfw.models.mlpnet, (784,), 10, LOGITS_LOSS, 1024, 64),
+    "small_cnn": (tfw.models.small_cnn, (28, 28, 1), 10, LOGITS_LOSS, 512, 64),
+    "resnet20": (tfw.models.resnet20, (32, 32, 3), 10, LOGITS_LOSS, 256, 32),
+    "resnet50": (lambda: keras.applications.ResNet50(weights=None), (224, 224, 3), 1000, PROBABILITIES_LOSS, 16, 4),
 }
 
 
@@ -40,14 +40,14 @@ class Methods:
     """The four timed ways to get gradients of one model, each returning the number of samples it did."""
 
     def __init__(self, name):
-        build, shape, classes, loss, self.samples, self.loop_samples = MODELS[name]
-        self.model, self.loss = build(), loss
+        build, shape, classes, self.loss_fn, self.samples, self.loop_samples = MODELS[name]
+        self.model = build()
         rng = np.random.default_rng(0)
         self.x = rng.normal(size=(self.samples, *shape)).astype(np.float32)
         self.y = rng.integers(0, classes, self.samples)
         self.data = tf.data.Dataset.from_tensor_slices((self.x, self.y))
         self.variables = [w.variable for w in tfw.find_prunable_weights(self.model)]
-        self.loss_fn = per_sample_loss(loss)
+        self.gradients = ModelGradients(self.model, self.variables, self.loss_fn)
         self.one_sample = tf.function(self._one_sample_gradient)
         self.batch_gradient = tf.function(self._one_sample_gradient)
 
@@ -69,7 +69,7 @@ class Methods:
         return self.loop_samples
 
     def engine(self):
-        collect_gradients(self.model, self.variables, self.data, self.loss, self.samples, shuffle_buffer=0).numpy()
+        self.gradients(self.data, self.samples, shuffle_buffer=0).numpy()
         return self.samples
 
     def batched(self):
@@ -78,8 +78,7 @@ class Methods:
 
     def max_difference(self):
         """max |engine − compiled loop| / max |loop| over the loop's samples."""
-        rows = collect_gradients(self.model, self.variables, self.data, self.loss, self.loop_samples,
-                                 shuffle_buffer=0).numpy()
+        rows = self.gradients(self.data, self.loop_samples, shuffle_buffer=0).numpy()
         loop = np.stack([self.one_sample(self.x[i:i + 1], self.y[i:i + 1]).numpy() for i in range(self.loop_samples)])
         return float(np.max(np.abs(rows - loop)) / np.max(np.abs(loop)))
 
@@ -87,19 +86,16 @@ class Methods:
 def measure(name, repeats):
     """Samples per second of every method (median over interleaved repeats) and the engine's first call."""
     methods = Methods(name)
-    tick = time.perf_counter()
-    methods.engine()
-    first_call = time.perf_counter() - tick
-    timed = {"eager_loop": methods.eager_loop, "compiled_loop": methods.compiled_loop, "engine": methods.engine,
-             "batched": methods.batched}
-    for fn in timed.values():  # warm-up (traces of the loops and the batch)
+    _, first_call = timed(methods.engine)
+    methods_timed = {"eager_loop": methods.eager_loop, "compiled_loop": methods.compiled_loop,
+                     "engine": methods.engine, "batched": methods.batched}
+    for fn in methods_timed.values():  # warm-up (traces of the loops and the batch)
         fn()
-    rates = {key: [] for key in timed}
+    rates = {key: [] for key in methods_timed}
     for _ in range(repeats):
-        for key, fn in timed.items():
-            tick = time.perf_counter()
-            count = fn()
-            rates[key].append(count / (time.perf_counter() - tick))
+        for key, fn in methods_timed.items():
+            count, seconds = timed(fn)
+            rates[key].append(count / seconds)
     row = dict(model=name, weights=sum(int(v.shape.num_elements()) for v in methods.variables),
                engine_samples=methods.samples, loop_samples=methods.loop_samples, repeats=repeats,
                engine_first_call_s=first_call, max_rel_diff=methods.max_difference())
@@ -125,15 +121,14 @@ def main(argv=None):
              "the same process; 'of batched' is the engine's rate over that of one gradient of the batch's mean "
              "loss (the forward and backward work without per-sample outputs). 'max rel. diff' compares the "
              "engine's rows with the compiled loop's. ResNet-50: its softmax output, cross-entropy on probabilities.")
-    table = [[r["model"], f"{r['weights']:,}", f"{r['eager_loop_per_s']:.1f}", f"{r['compiled_loop_per_s']:.1f}",
-              f"{r['engine_per_s']:.1f}", f"**{r['vs_eager_loop']:.1f}×**", f"{r['vs_compiled_loop']:.1f}×",
-              f"{r['batched_per_s']:.1f}", f"{r['of_batched']:.0%}", f"{r['engine_first_call_s']:.1f}",
-              f"{r['max_rel_diff']:.1e}"] for r in rows]
-    perf_common.write_results(
-        "perf_gradients", rows, "Per-sample gradients: engine against loops of one-sample gradient calls", notes,
-        ["model", "prunable weights", "eager loop /s", "compiled loop /s", "engine /s", "engine / eager loop",
-         "engine / compiled loop", "batched /s", "of batched", "engine first call s", "max rel. diff"],
-        table, started)
+    columns = {
+        "model": "{model}", "prunable weights": "{weights:,}", "eager loop /s": "{eager_loop_per_s:.1f}",
+        "compiled loop /s": "{compiled_loop_per_s:.1f}", "engine /s": "{engine_per_s:.1f}",
+        "engine / eager loop": "**{vs_eager_loop:.1f}×**", "engine / compiled loop": "{vs_compiled_loop:.1f}×",
+        "batched /s": "{batched_per_s:.1f}", "of batched": "{of_batched:.0%}",
+        "engine first call s": "{engine_first_call_s:.1f}", "max rel. diff": "{max_rel_diff:.1e}"}
+    common.write_results("perf_gradients", rows, "Per-sample gradients: engine against loops of one-sample gradient "
+                         "calls", notes, columns, started)
 
 
 if __name__ == "__main__":

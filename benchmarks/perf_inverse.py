@@ -1,7 +1,8 @@
 """Inverse stage: seconds, peak memory and achieved GFLOP/s of InverseFisher.from_gradients(G).diagonal().
 
 G is an m × d float32 matrix shaped like ResNet-20's prunable tensors (d = 270,896 in 22 tensors)
-with gradient-like random entries, given as one (m, size) matrix per tensor as the Pruner gives it; blocks of 100, 1000, 10000 entries, one per tensor ('layer') or
+with gradient-like random entries, given as one (m, size) matrix per tensor as the Pruner gives it;
+blocks of 100, 1000, 10000 entries, one per tensor ('layer') or
 one for the model. Each case runs in a fresh process: a first call (tracing, measured for its peak
 resident memory above the RSS with G allocated), then `tf.matmul` throughput (2048², float32) and
 the timed repeats. Flops are those of the algorithms run (woodbury.lowrank_flops / explicit_flops).
@@ -16,19 +17,18 @@ Outputs: benchmarks/results/perf_inverse.csv and .md.
 """
 import argparse
 import json
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-import common
+import common  # first: imports tf_woodfisher before TensorFlow
 import perf_common
-from common import tf, tfw
+import tf_woodfisher as tfw
+import tensorflow as tf
 from sherman_morrison import reference_diagonal
 from tf_woodfisher.fisher import memory
-from tf_woodfisher.fisher.blocks import BlockPartition
-from tf_woodfisher.fisher.woodbury import InverseFisher, explicit_flops, lowrank_flops
+from tf_woodfisher.fisher.blocks import BlockPartition, explicit_flops, lowrank_flops
+from tf_woodfisher.fisher.woodbury import InverseFisher
 
 M_VALUES = (64, 256, 1000)
 BLOCKS = ("100", "1000", "10000", "layer", "model")
@@ -100,20 +100,11 @@ def run_case(m, block, repeats):
 
 
 def run_in_child(m, block, repeats):
-    command = [sys.executable, sys.argv[0], "--case", str(m), block, "--repeats", str(repeats)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode or not lines:
-        sys.exit(f"m={m}, blocks={block} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    row = json.loads(lines[-1])
+    row = perf_common.run_child(f"m={m}, blocks={block}", "--case", m, block, "--repeats", repeats)
     print(f"m={m:5d} blocks={block:>6}: {row['seconds']:.3f} s, {row['gflops']:.1f} GFLOP/s = "
           f"{row['of_matmul']:.0%} of matmul, peak +{row['peak_rss_delta_gb']:.2f} GB"
           + (f", Sherman–Morrison {row['sm_ratio']:.0f}× slower" if row["sm_ratio"] else ""), flush=True)
     return row
-
-
-def cell(value, fmt, missing="—"):
-    return missing if value is None else format(value, fmt)
 
 
 def main(argv=None):
@@ -139,14 +130,16 @@ def main(argv=None):
              "Sherman–Morrison: one run of the rank-1 recurrence (eq. 3.4) on the same G; its ratio is its time over "
              "the median above; '—' where its c × c inverses exceed 2 GB or it would take minutes (m = 1000 with "
              "c ≥ 1000).")
-    table = [[r["m"], r["blocks"], r["groups"], f"{r['seconds']:.3f}", f"{r['gflop']:.1f}", f"{r['gflops']:.1f}",
-              f"{r['matmul_gflops']:.0f}", f"{r['of_matmul']:.0%}", f"{r['peak_rss_delta_gb']:.2f}",
-              f"{r['planner_estimate_gb']:.2f}", cell(r["sm_seconds"], ".2f"), cell(r["sm_ratio"], ".0f") +
-              ("×" if r["sm_ratio"] else ""), cell(r["sm_max_rel_diff"], ".0e")] for r in rows]
-    perf_common.write_results(
-        "perf_inverse", rows, "Inverse stage: time, memory and throughput of InverseFisher", notes,
-        ["m", "blocks", "groups (K×c form)", "seconds", "GFLOP", "GFLOP/s", "matmul GFLOP/s", "% of matmul",
-         "peak +RSS GB", "planner GB", "Sherman–Morrison s", "SM / ours", "SM max rel. diff"], table, started)
+    columns = {
+        "m": "{m}", "blocks": "{blocks}", "groups (K×c form)": "{groups}", "seconds": "{seconds:.3f}",
+        "GFLOP": "{gflop:.1f}", "GFLOP/s": "{gflops:.1f}", "matmul GFLOP/s": "{matmul_gflops:.0f}",
+        "% of matmul": "{of_matmul:.0%}", "peak +RSS GB": "{peak_rss_delta_gb:.2f}",
+        "planner GB": "{planner_estimate_gb:.2f}",
+        "Sherman–Morrison s": lambda r: common.format_optional(r["sm_seconds"], ".2f"),
+        "SM / ours": lambda r: common.format_optional(r["sm_ratio"], ".0f") + ("×" if r["sm_ratio"] else ""),
+        "SM max rel. diff": lambda r: common.format_optional(r["sm_max_rel_diff"], ".0e")}
+    common.write_results("perf_inverse", rows, "Inverse stage: time, memory and throughput of InverseFisher", notes,
+                         columns, started)
 
 
 if __name__ == "__main__":

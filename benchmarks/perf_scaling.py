@@ -19,13 +19,13 @@ import time
 
 import numpy as np
 
-import common
+import common  # first: imports tf_woodfisher before TensorFlow
 import perf_common
-from common import tf, tfw
+import tf_woodfisher as tfw
+import tensorflow as tf
 from perf_inverse import gradient_matrix
-from tf_woodfisher.fisher.blocks import BlockPartition
-from tf_woodfisher.fisher.gradients import collect_gradients
-from tf_woodfisher.fisher.woodbury import InverseFisher, lowrank_flops
+from tf_woodfisher.fisher.blocks import BlockPartition, lowrank_flops
+from tf_woodfisher.fisher.woodbury import InverseFisher
 
 DAMPING = 1e-5
 D_FIXED, M_FIXED = 270_896, 256  # ResNet-20's prunable weights; the middle of issue 6's m range
@@ -68,11 +68,11 @@ def gradient_rows(repeats):
     count = max(GRADIENT_M_SWEEP)
     data = tf.data.Dataset.from_tensor_slices((rng.random((count, 28, 28, 1), np.float32),
                                                rng.integers(0, 10, count)))
-    collect_gradients(model, variables, data, common.LOSS, min(GRADIENT_M_SWEEP), shuffle_buffer=0)  # trace once
+    gradients = perf_common.ModelGradients(model, variables)
+    gradients(data, min(GRADIENT_M_SWEEP), shuffle_buffer=0)  # trace once
     rows = []
     for m in GRADIENT_M_SWEEP:
-        seconds = perf_common.median_seconds(
-            lambda: collect_gradients(model, variables, data, common.LOSS, m, shuffle_buffer=0).numpy(), repeats)
+        seconds = perf_common.median_seconds(lambda: gradients(data, m, shuffle_buffer=0).numpy(), repeats)
         rows.append(dict(stage="gradients (small CNN)", sweep="m", m=m, d=d, seconds=seconds, matmul_gflops=None,
                          terms=(1.0, m), gradient_bytes=4 * m * d))
         print(f"gradients m={m:4d}: {seconds:.3f} s", flush=True)
@@ -115,13 +115,13 @@ def main(argv=None):
              + "; ".join(f"{stage} vs {sweep}: {value:.2f}" for (stage, sweep), value in sorted(slopes.items()))
              + " (they approach 2 in m and 1 in d for the inverse and 1 in m for the gradients as the leading "
              "terms dominate). Gradient memory is 4·m·d bytes (column 'G bytes').")
-    table = [[r["stage"], r["sweep"], r["m"], f"{r['d']:,}", f"{r['seconds']:.3f}", f"{r['formula_seconds']:.3f}",
-              f"{r['ratio']:.2f}", "—" if r["matmul_gflops"] is None else f"{r['matmul_gflops']:.0f}",
-              f"{r['gradient_bytes'] / 1e6:.0f} MB"] for r in rows]
-    perf_common.write_results(
-        "perf_scaling", rows, "Scaling of the inverse and gradient stages with m and d", notes,
-        ["stage", "sweep", "m", "d", "seconds", "fitted formula s", "measured / formula", "matmul GFLOP/s", "G bytes"],
-        table, started)
+    columns = {
+        "stage": "{stage}", "sweep": "{sweep}", "m": "{m}", "d": "{d:,}", "seconds": "{seconds:.3f}",
+        "fitted formula s": "{formula_seconds:.3f}", "measured / formula": "{ratio:.2f}",
+        "matmul GFLOP/s": lambda r: common.format_optional(r["matmul_gflops"], ".0f"),
+        "G bytes": lambda r: f"{r['gradient_bytes'] / 1e6:.0f} MB"}
+    common.write_results("perf_scaling", rows, "Scaling of the inverse and gradient stages with m and d", notes,
+                         columns, started)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,15 @@ real single-sample gradients, and the two diagonals are compared.
 Outputs under --out (default benchmarks/results): sherman_morrison.csv and sherman_morrison.md.
 """
 import argparse
-import csv
-import os
 import statistics
 import time
 
+import common  # first: imports tf_woodfisher before TensorFlow
+import tf_woodfisher as tfw
+import tensorflow as tf
 import numpy as np
-
-import common
-from common import tf, tfw
+from perf_common import ModelGradients, repeat_seconds, timed
 from tf_woodfisher.fisher.blocks import BlockPartition
-from tf_woodfisher.fisher.gradients import collect_gradients
 from tf_woodfisher.fisher.woodbury import InverseFisher
 
 ROW_CHUNK_BYTES = 256 * 2 ** 20  # temporary of one in-place row-chunk update
@@ -50,23 +48,23 @@ class ShermanMorrison:
         spec = [tf.TensorSpec([num_blocks, None, size], dtype), tf.TensorSpec([], dtype), tf.TensorSpec([], dtype)]
         self._run = tf.function(self._recurrence, input_signature=spec)
 
-    def _recurrence(self, blocks, num_samples, damping):
-        """blocks (K, n, c) of gradients g_1..g_n; num_samples = m of eq. 3.4 (n = m except for a warm-up)."""
+    def _recurrence(self, blocks, num_gradients, damping):
+        """blocks (K, n, c) of gradients g_1..g_n; num_gradients = m of eq. 3.4 (n = m except for a warm-up)."""
         for (begin, end), rows in zip(self.chunks, self.rows):  # F⁻¹_0 = I/λ
             eye_rows = tf.one_hot(tf.range(begin, end), self.size, on_value=1.0 / damping, dtype=self.dtype)
             rows.assign(tf.broadcast_to(eye_rows, tf.shape(rows)))
         for n in tf.range(tf.shape(blocks)[1]):
             gradient = blocks[:, n, :]  # (K, c)
             u = tf.concat([tf.linalg.matvec(rows, gradient) for rows in self.rows], axis=1)  # F⁻¹ g
-            scaled = u / (num_samples + tf.reduce_sum(gradient * u, axis=1, keepdims=True))
+            scaled = u / (num_gradients + tf.reduce_sum(gradient * u, axis=1, keepdims=True))
             for (begin, end), rows in zip(self.chunks, self.rows):  # F⁻¹ ← F⁻¹ − u uᵀ / (m + gᵀF⁻¹g)
                 rows.assign_sub(u[:, begin:end, None] * scaled[:, None, :])
         return tf.concat([tf.linalg.diag_part(rows[:, :, begin:end]) for (begin, end), rows in
                           zip(self.chunks, self.rows)], axis=1)
 
-    def diagonal(self, blocks, num_samples, damping):
+    def diagonal(self, blocks, num_gradients, damping):
         blocks = tf.convert_to_tensor(blocks, self.dtype)
-        return self._run(blocks, tf.constant(num_samples, self.dtype), tf.constant(damping, self.dtype))
+        return self._run(blocks, tf.constant(num_gradients, self.dtype), tf.constant(damping, self.dtype))
 
 
 def group_blocks(gradients, group):
@@ -85,9 +83,9 @@ def reference_diagonal(gradients, partition, damping, repeats, dtype):
     for _ in range(repeats):
         diagonals = []
         for i, (engine, b) in enumerate(zip(engines, blocks)):
-            tick = time.perf_counter()
-            diagonals.append(engine.diagonal(b, m, damping).numpy())
-            group_seconds[i].append(time.perf_counter() - tick)
+            diagonal, seconds = timed(lambda: engine.diagonal(b, m, damping).numpy())
+            diagonals.append(diagonal)
+            group_seconds[i].append(seconds)
     del engines
     flat = np.concatenate([d.reshape(-1) for d in diagonals])[partition.inverse_order]
     totals = [sum(s) for s in zip(*group_seconds)]
@@ -96,20 +94,14 @@ def reference_diagonal(gradients, partition, damping, repeats, dtype):
 
 def woodbury_diagonal(gradients, partition, damping, repeats):
     """(flat diag(F⁻¹) from InverseFisher, [seconds per repeat]) after one warm-up call."""
-    InverseFisher.from_gradients(gradients, partition, damping).diagonal().numpy()
-    seconds = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        diagonal = InverseFisher.from_gradients(gradients, partition, damping).diagonal().numpy()
-        seconds.append(time.perf_counter() - tick)
-    return diagonal, seconds
+    run = lambda: InverseFisher.from_gradients(gradients, partition, damping).diagonal().numpy()  # noqa: E731
+    return run(), repeat_seconds(run, repeats)
 
 
 def compare(name, gradients, sizes, block_size, damping, args, ref_repeats):
     partition = BlockPartition.from_segments(sizes, block_size)
     shapes = ", ".join(f"{g.num_blocks}×{g.block_size}" for g in partition.groups)
-    print(f"{name}: blocks {shapes}; reference ({ref_repeats} run{'s' * (ref_repeats > 1)} after a warm-up)...",
-          flush=True)
+    print(f"{name}: blocks {shapes}; reference ({common.plural(ref_repeats, 'run')} after a warm-up)...", flush=True)
     ref, ref_seconds, _ = reference_diagonal(gradients, partition, damping, ref_repeats, tf.as_dtype(args.dtype))
     fast, fast_seconds = woodbury_diagonal(gradients, partition, damping, args.fast_repeats)
     ref_time, fast_time = statistics.median(ref_seconds), statistics.median(fast_seconds)
@@ -124,7 +116,7 @@ def compare(name, gradients, sizes, block_size, damping, args, ref_repeats):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-samples", type=int, default=100, help="m single-sample gradients (default 100)")
+    parser.add_argument("--num-gradients", type=int, default=100, help="m single-sample gradients (default 100)")
     parser.add_argument("--damping", type=float, default=1e-5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="of the reference")
     parser.add_argument("--repeats", type=int, default=5, help="timed reference runs of the small cases")
@@ -133,8 +125,8 @@ def parse_args(argv=None):
     parser.add_argument("--fast-repeats", type=int, default=20, help="timed InverseFisher runs")
     parser.add_argument("--skip-large", action="store_true", help="leave out the 31360-entry fc1 block")
     parser.add_argument("--out", default=common.RESULTS_DIR)
-    parser.add_argument("--data-dir")
-    parser.add_argument("--weights")
+    parser.add_argument("--data-dir", help=common.MNIST_HELP)
+    parser.add_argument("--weights", help=common.MLPNET_HELP)
     return parser.parse_args(argv)
 
 
@@ -146,7 +138,7 @@ def main(argv=None):
     model = tfw.models.mlpnet(common.mlpnet_npz(args.weights))
     common.check_reference_accuracy(common.accuracy(model, mnist.x_test, mnist.y_test))
     weights = tfw.find_prunable_weights(model)
-    gradients = collect_gradients(model, [w.variable for w in weights], mnist.train, common.LOSS, args.num_samples)
+    gradients = ModelGradients(model, [w.variable for w in weights])(mnist.train, args.num_gradients)
     sizes = [w.size for w in weights]
     print(f"G: {tuple(gradients.shape)} single-sample gradients of {', '.join(w.name for w in weights)}", flush=True)
 
@@ -159,7 +151,7 @@ def main(argv=None):
         rows.append(compare(f"{weight.name} ({weight.size:,})", gradients[:, begin:end], [weight.size], None,
                             args.damping, args, repeats))
     if not args.skip_large:
-        total = dict(case="all layers (block_size=None)", blocks=", ".join(r["blocks"] for r in rows),
+        total = dict(case="all layers (fisher_block_size=None)", blocks=", ".join(r["blocks"] for r in rows),
                      dim=sum(sizes), reference_runs=min(r["reference_runs"] for r in rows),
                      reference_seconds=sum(r["reference_seconds"] for r in rows))
         partition = BlockPartition.from_segments(sizes, None)
@@ -170,35 +162,25 @@ def main(argv=None):
         print(f"all layers: reference {total['reference_seconds']:.1f} s, InverseFisher "
               f"{1e3 * total['woodbury_seconds']:.1f} ms, speed-up {total['speedup']:.0f}×", flush=True)
         rows.append(total)
-    rows.append(compare("all layers, block_size=1000", gradients, sizes, 1000, args.damping, args, args.repeats))
+    rows.append(compare("all layers, fisher_block_size=1000", gradients, sizes, 1000, args.damping, args, args.repeats))
 
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "sherman_morrison.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    table = common.markdown_table(
-        ["case", "blocks (K×c)", "Sherman–Morrison, eq. 3.4", "InverseFisher", "speed-up", "max rel. diff of diag"],
-        [[r["case"], r["blocks"], f"{r['reference_seconds']:.3f} s (median of {r['reference_runs']})",
-          f"{1e3 * r['woodbury_seconds']:.2f} ms (median of {r['woodbury_runs']})", f"{r['speedup']:,.0f}×",
-          f"{r['max_rel_diff']:.1e}"] for r in rows])
-    text = "\n".join([
-        "# Sherman–Morrison recurrence (eq. 3.4) against InverseFisher", "",
-        f"Produced by `{common.command_line()}` in {(time.perf_counter() - started) / 60:.1f} min "
-        f"({common.environment_line()}).", "",
+    notes = (
         f"Diagonal of the inverse of F = λI + (1/m) Σ g gᵀ per block, λ = {args.damping:g}, "
         "for the reference MLPNet "
-        f"with m = {args.num_samples} single-sample gradients (cross-entropy, 5k training subset, seed 0). "
+        f"with m = {args.num_gradients} single-sample gradients (cross-entropy, 5k training subset, seed 0). "
         f"Reference: the rank-1 recurrence of eq. 3.4 in TensorFlow ({args.dtype}), one `tf.function` looping "
         "over the m gradients, all blocks of a size batched, the c × c inverse updated in place by row chunks. "
         "Fast path: `InverseFisher.from_gradients(G, partition, λ).diagonal()` (float32; Woodbury/Cholesky "
         "form for every block here, since c ≥ 2m). Times are wall-clock medians after a warm-up call, "
-        "both measured in the same process; the difference is max |Δdiag| / max |diag|.", "",
-        table, ""])
-    with open(os.path.join(args.out, "sherman_morrison.md"), "w") as f:
-        f.write(text)
-    print("\n" + table + f"\n\nwrote {csv_path} and sherman_morrison.md in {time.perf_counter() - started:.0f} s")
+        "both measured in the same process; the difference is max |Δdiag| / max |diag|.")
+    columns = {
+        "case": "{case}", "blocks (K×c)": "{blocks}",
+        "Sherman–Morrison, eq. 3.4": "{reference_seconds:.3f} s (median of {reference_runs})",
+        "InverseFisher": lambda r: f"{1e3 * r['woodbury_seconds']:.2f} ms (median of {r['woodbury_runs']})",
+        "speed-up": "{speedup:,.0f}×", "max rel. diff of diag": "{max_rel_diff:.1e}"}
+    common.write_results("sherman_morrison", rows, "Sherman–Morrison recurrence (eq. 3.4) against InverseFisher",
+                         notes, columns, started, out=args.out)
+    print(f"wrote sherman_morrison.csv and .md to {args.out} in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -22,27 +22,21 @@ the top) and gradual_mnist.png (accuracy and ``.tflite`` size against sparsity) 
     python examples/gradual_pruning_mnist.py --quick --out /tmp/gradual   # smoke test, about 40 s
 """
 import argparse
-import csv
-import os
 import pathlib
-import platform
-import shlex
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))  # the scripts' helpers
+import common  # noqa: E402  (first: imports tf_woodfisher before TensorFlow)
+import tf_woodfisher as tfw  # noqa: E402  (sets TF_USE_LEGACY_KERAS=1: tf.keras is tf_keras)
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
-import tf_woodfisher as tfw  # noqa: E402  (import before TensorFlow: tf.keras is then tf_keras)
-from tf_woodfisher._keras import keras, tf  # noqa: E402
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
-DEFAULT_CACHE = REPO_ROOT / "benchmarks" / "out" / "gradual_mnist"  # git-ignored
-DEFAULT_MNIST = REPO_ROOT.parent / "shared" / "datasets" / "mnist"
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+DEFAULT_OUT = pathlib.Path(common.RESULTS_DIR)
+DEFAULT_CACHE = pathlib.Path(common.CACHE_DIR) / "gradual_mnist"  # git-ignored
+LOSS = common.LOSS
 METHODS = ("magnitude", "woodfisher", "magnitude_global")
 LABELS = {"magnitude": "tfmot prune_low_magnitude (per layer)",
           "woodfisher": "tfw.prune_woodfisher WoodFisher (global)",
@@ -55,8 +49,7 @@ TARGET_SIZE_RATIO = 0.30  # sparse .tflite / dense .tflite at 90 %
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", help="MNIST idx folder (default: $TFW_MNIST_DIR, else "
-                                           "../shared/datasets/mnist next to the repository)")
+    parser.add_argument("--data-dir", help=common.MNIST_HELP)
     parser.add_argument("--sparsities", type=float, nargs="+", metavar="S", help="target sparsities in (0, 1) "
                         "(default 0.9 0.95 0.98; 0.9 with --quick)")
     parser.add_argument("--seeds", type=int, nargs="+",
@@ -73,13 +66,13 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense training")
     parser.add_argument("--prune-lr", type=float, default=5e-4, help="Adam learning rate of the pruning runs")
     wf = parser.add_argument_group("WoodFisher settings")
-    wf.add_argument("--num-samples", type=int, help="Fisher gradients per event (default 128; 16 with --quick)")
+    wf.add_argument("--num-gradients", type=int, help="Fisher gradients per event (default 128; 16 with --quick)")
     wf.add_argument("--fisher-batch-size", type=int, default=16, help="samples averaged into each gradient")
-    wf.add_argument("--block-size", type=int, default=2000, help="block size of the block-diagonal Fisher")
+    wf.add_argument("--fisher-block-size", type=int, default=2000, help="block size of the block-diagonal Fisher")
     wf.add_argument("--damping", type=float, default=1e-4)
-    wf.add_argument("--recompute-steps", type=int, default=1, help="Fisher recomputations per pruning event")
+    wf.add_argument("--steps", type=int, default=1, help="Fisher recomputations per pruning event")
     parser.add_argument("--quick", action="store_true", help="smoke test: 90 %%, seed 0, 1 dense epoch, 1 pruning "
-                                                             "epoch, 16 Fisher samples")
+                                                             "epoch, 16 Fisher gradients")
     parser.add_argument("--out", help=f"folder of the csv/md/png (default {DEFAULT_OUT}; with --quick nothing is "
                                       "written unless --out is given)")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="dense weights and .tflite files")
@@ -88,7 +81,7 @@ def parse_args(argv=None):
     quick = args.quick
     defaults = dict(sparsities=[0.9] if quick else [0.9, 0.95, 0.98], seeds=[0] if quick else [0, 1, 2],
                     epochs=1 if quick else 6, frequency=20, dense_epochs=1 if quick else 10,
-                    num_samples=16 if quick else 128,
+                    num_gradients=16 if quick else 128,
                     methods=["magnitude", "woodfisher"] if quick else list(METHODS))
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -104,23 +97,11 @@ def parse_args(argv=None):
     return args
 
 
-def mnist_dir(path):
-    path = path or os.environ.get(tfw.data.MNIST_ENV_VAR)
-    if path:
-        return path
-    return str(DEFAULT_MNIST) if DEFAULT_MNIST.is_dir() else None  # None: tensorflow-datasets
-
-
-def accuracy(model, x, y):
-    return float(np.mean(model.predict(x, batch_size=2500, verbose=0).argmax(axis=1) == y))
-
-
 def kernel_sparsities(model):
     """{layer name: fraction of zeros in its kernel} of a stripped model, and the overall fraction."""
-    kernels = {layer.name: layer.kernel.numpy() for layer in model.layers if hasattr(layer, "kernel")}
-    per_layer = {name: float(np.mean(k == 0)) for name, k in kernels.items()}
-    total = sum(int(np.sum(k == 0)) for k in kernels.values()) / sum(k.size for k in kernels.values())
-    return per_layer, total
+    kernels = {layer.name: layer.kernel for layer in model.layers if hasattr(layer, "kernel")}
+    per_layer = {name: common.kernel_sparsity([kernel]) for name, kernel in kernels.items()}
+    return per_layer, common.kernel_sparsity(kernels.values())
 
 
 def dense_model(args, data):
@@ -130,29 +111,24 @@ def dense_model(args, data):
     path = pathlib.Path(args.cache_dir) / f"{key}.weights.h5"
     keras.utils.set_random_seed(DENSE_SEED)
     model = tfw.models.small_cnn()
-    if path.exists():
-        model.load_weights(str(path))
+
+    def train(model):
+        model.compile(keras.optimizers.Adam(args.lr), LOSS, metrics=["accuracy"])
+        model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.dense_epochs, shuffle=True,
+                  verbose=args.verbose)
+
+    started = time.perf_counter()
+    if common.cached_weights(model, path, train):
         print(f"dense model: loaded {path}", flush=True)
         return model, 0.0
-    started = time.perf_counter()
-    model.compile(keras.optimizers.Adam(args.lr), LOSS, metrics=["accuracy"])
-    model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.dense_epochs, shuffle=True,
-              verbose=args.verbose)
     seconds = time.perf_counter() - started
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save_weights(str(path))
     print(f"dense model: trained {args.dense_epochs} epochs in {seconds:.1f} s, saved to {path}", flush=True)
     return model, seconds
 
 
 def schedule_steps(args, num_train):
     """(steps per epoch, end_step): the ramp's last event falls on a multiple of the frequency."""
-    steps_per_epoch = -(-num_train // args.batch_size)
-    end_step = int(args.ramp_epochs * steps_per_epoch) // args.frequency * args.frequency
-    if end_step < args.frequency:
-        sys.exit(f"error: the ramp ({args.ramp_epochs} epochs = {int(args.ramp_epochs * steps_per_epoch)} steps) is "
-                 f"shorter than one --frequency ({args.frequency} steps)")
-    return steps_per_epoch, end_step
+    return common.ramp_steps(num_train, args.batch_size, args.ramp_epochs, args.frequency)
 
 
 def prune_run(method, target, seed, args, data, dense_weights):
@@ -168,13 +144,13 @@ def prune_run(method, target, seed, args, data, dense_weights):
         model = tfmot.sparsity.keras.prune_low_magnitude(base, tfmot.sparsity.keras.PolynomialDecay(**ramp))
         callback = tfmot.sparsity.keras.UpdatePruningStep()
     else:
-        woodfisher = method == "woodfisher"
-        schedule = tfw.GradualSchedule(**ramp, recompute_steps=args.recompute_steps if woodfisher else 1)
-        settings = (dict(method="woodfisher", num_samples=args.num_samples, fisher_batch_size=args.fisher_batch_size,
-                         block_size=args.block_size, damping=args.damping)
-                    if woodfisher else dict(method="magnitude"))
-        model = tfw.prune_woodfisher(base, schedule, data["fisher"], LOSS, mode="global", **settings)
-        callback = tfw.UpdatePruningStep(seed=100_000 * seed)
+        settings = (dict(method="woodfisher", num_gradients=args.num_gradients,
+                         fisher_batch_size=args.fisher_batch_size, fisher_block_size=args.fisher_block_size,
+                         damping=args.damping, steps=args.steps)
+                    if method == "woodfisher" else dict(method="magnitude"))
+        model = tfw.prune_woodfisher(base, tfw.GradualSchedule(**ramp), mode="global", seed=100_000 * seed,
+                                     **settings)
+        callback = tfw.UpdatePruningStep(data["fisher"], LOSS)
     model.compile(keras.optimizers.Adam(args.prune_lr), LOSS, metrics=["accuracy"])
     started = time.perf_counter()
     model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, callbacks=[callback],
@@ -182,9 +158,9 @@ def prune_run(method, target, seed, args, data, dense_weights):
     fit_seconds = time.perf_counter() - started
     events = getattr(callback, "events", None)
 
-    stripped = tfmot.sparsity.keras.strip_pruning(model)
+    stripped = tfw.strip_pruning(model)
     layers, sparsity = kernel_sparsities(stripped)
-    test_accuracy = accuracy(stripped, x_test, y_test)
+    test_accuracy = common.accuracy(stripped, x_test, y_test)
     tflite_path = pathlib.Path(args.cache_dir) / f"{method}_s{target:g}_seed{seed}.tflite"
     started = time.perf_counter()
     export = tfw.export_tflite(model, str(tflite_path), sparse=True, quantization=None, check_inputs=x_test)
@@ -212,11 +188,6 @@ def count_events(model):
     return sum(bool(wrapper.pruning_schedule(tf.constant(step, tf.int64))[0]) for step in range(1, last + 1))
 
 
-def mean_sd(values):
-    values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
 def summarize(rows, args):
     """{(method, target): aggregated dict} over seeds."""
     groups = {}
@@ -224,7 +195,7 @@ def summarize(rows, args):
         groups.setdefault((row["method"], row["target_sparsity"]), []).append(row)
     summary = {}
     for key, group in groups.items():
-        acc_mean, acc_sd = mean_sd([r["test_accuracy"] for r in group])
+        acc_mean, acc_sd = common.mean_sd([r["test_accuracy"] for r in group])
         layer_keys = [k for k in group[0] if k.startswith("sparsity_")]
         summary[key] = {
             "accuracy": (acc_mean, acc_sd), "n": len(group),
@@ -246,10 +217,10 @@ def targets(summary, args):
     lines = []
     for target in (0.95, 0.98):
         if ("magnitude", target) in summary and ("woodfisher", target) in summary:
-            gain = 100 * (summary["woodfisher", target]["accuracy"][0] - summary["magnitude", target]["accuracy"][0])
-            lines.append(f"WoodFisher − magnitude at {target:.0%}: {gain:+.2f} points "
+            gain = summary["woodfisher", target]["accuracy"][0] - summary["magnitude", target]["accuracy"][0]
+            lines.append(f"WoodFisher − magnitude at {target:.0%}: {common.points(gain)} points "
                          f"(target ≥ +{TARGET_GAIN:.1f}): "
-                         f"{'met' if gain >= TARGET_GAIN else 'NOT met'}")
+                         f"{'met' if 100 * gain >= TARGET_GAIN else 'NOT met'}")
     for (method, target), s in sorted(summary.items()):
         if abs(target - 0.9) < 1e-9:
             ok = s["ratio"] <= TARGET_SIZE_RATIO and s["agreement"] == 1.0
@@ -258,13 +229,6 @@ def targets(summary, args):
                          f"argmax agreement with Keras on the test set {s['agreement']:.2%} (target 100%): "
                          f"{'met' if ok else 'NOT met'}")
     return lines
-
-
-def command_line(argv=None):
-    """The command that runs ``main(argv)``, as typed from the repository root."""
-    script = os.path.relpath(os.path.abspath(__file__), REPO_ROOT)
-    argv = sys.argv[1:] if argv is None else argv
-    return " ".join(["python", shlex.quote(script)] + [shlex.quote(a) for a in argv])
 
 
 def markdown(rows, summary, args, info):
@@ -284,17 +248,19 @@ def markdown(rows, summary, args, info):
         f"* Data: the 5k MNIST training subset ({info['num_train']:,} images, shuffled with seed {DENSE_SEED}) for "
         f"training and Fisher samples; accuracy on the official {info['num_test']:,}-image test set.",
         f"* Dense model: `tfw.models.small_cnn()` (two Conv2D, two Dense; {info['num_kernel']:,} kernel weights), "
-        f"Adam lr {args.lr:g}, batch {args.batch_size}, {plural(args.dense_epochs, 'epoch')}: test accuracy "
+        f"Adam lr {args.lr:g}, batch {args.batch_size}, {common.plural(args.dense_epochs, 'epoch')}: test accuracy "
         f"{info['dense_accuracy']:.2%}. It is the starting point of every run.",
-        f"* Pruning runs: {plural(args.epochs, 'epoch')} ({steps_per_epoch} steps each), "
+        f"* Pruning runs: {common.plural(args.epochs, 'epoch')} ({steps_per_epoch} steps each), "
         f"Adam lr {args.prune_lr:g}, batch "
         f"{args.batch_size}. Sparsity follows the cubic ramp (tfmot `PolynomialDecay`, power 3; "
         f"`tfw.GradualSchedule` for tfw) from 0 to the target, a pruning event every {args.frequency} steps up to "
         f"step {end_step} ({end_step / steps_per_epoch:.1f} epochs), then fine-tuning at the target to the end. "
         f"Seeds {seeds}: a seed sets the data order and the Fisher samples.",
-        f"* WoodFisher: `tfw.prune_woodfisher(method='woodfisher', mode='global', num_samples={args.num_samples}, "
-        f"fisher_batch_size={args.fisher_batch_size}, block_size={args.block_size}, damping={args.damping:g})`, "
-        f"`recompute_steps={args.recompute_steps}`, one global threshold over all kernels, OBS update at each event.",
+        f"* WoodFisher: `tfw.prune_woodfisher(model, schedule, method='woodfisher', mode='global', "
+        f"num_gradients={args.num_gradients}, fisher_batch_size={args.fisher_batch_size}, "
+        f"fisher_block_size={args.fisher_block_size}, damping={args.damping:g}, steps={args.steps})` "
+        "(Fisher data: `tfw.UpdatePruningStep(fisher_dataset, loss)`), one global threshold over all kernels, "
+        "OBS update at each event.",
         "* Magnitude: `tfmot.sparsity.keras.prune_low_magnitude`, which prunes every layer to the target "
         "(per layer)." + (" `magnitude_global`: `tfw.prune_woodfisher(method='magnitude', mode='global')`, "
                           "one global magnitude threshold." if "magnitude_global" in methods else ""),
@@ -302,7 +268,7 @@ def markdown(rows, summary, args, info):
         "`tfw.export_tflite(model, path, sparse=True)` (float32), verified under XNNPACK against the Keras model "
         "on the test images; dense = the same conversion without `EXPERIMENTAL_SPARSITY`.",
         "",
-        f"## Test accuracy (mean ± sd over {len(args.seeds)} seed{'s' * (len(args.seeds) > 1)}); dense "
+        f"## Test accuracy (mean ± sd over {common.plural(len(args.seeds), 'seed')}); dense "
         f"{info['dense_accuracy']:.2%}",
         "",
     ]
@@ -312,9 +278,9 @@ def markdown(rows, summary, args, info):
     for baseline in ("magnitude", "magnitude_global"):
         if baseline in methods and "woodfisher" in methods:
             table.append([f"woodfisher − {baseline} (points)"] + [
-                f"{100 * (summary['woodfisher', t]['accuracy'][0] - summary[baseline, t]['accuracy'][0]):+.2f}"
+                common.points(summary["woodfisher", t]["accuracy"][0] - summary[baseline, t]["accuracy"][0])
                 if ("woodfisher", t) in summary and (baseline, t) in summary else "" for t in targets_sorted])
-    lines += md_table(header, table) + ["", "## Per run (means over seeds)", ""]
+    lines += [common.markdown_table(header, table), "", "## Per run (means over seeds)", ""]
     header = (["method", "target", "sparsity", "test accuracy"] + [f"{name}" for name in layer_names]
               + [".tflite dense (B)", ".tflite sparse (B)", "sparse/dense", "argmax agreement (min)",
                  "events", "fit time (s)", "tfw pruning events (s)"])
@@ -329,8 +295,8 @@ def markdown(rows, summary, args, info):
                          + [f"{s['dense_bytes']:,.0f}", f"{s['sparse_bytes']:,.0f}", f"{s['ratio']:.1%}",
                             f"{s['agreement']:.2%}", str(s["events"]), f"{s['fit_seconds']:.1f}",
                             "—" if np.isnan(s["event_seconds"]) else f"{s['event_seconds']:.1f}"])
-    lines += md_table(header, table)
-    lines += ["", f"Layer sizes (kernel weights): " + ", ".join(f"{k} {v:,}" for k, v in info["layer_sizes"].items())
+    lines.append(common.markdown_table(header, table))
+    lines += ["", "Layer sizes (kernel weights): " + ", ".join(f"{k} {v:,}" for k, v in info["layer_sizes"].items())
               + ". Fit time = `model.fit` wall time (training and pruning events); tfw pruning events = sum of "
               "`seconds` over `tfw.UpdatePruningStep().events` (for WoodFisher: gradients, inverse Fisher, scores, "
               "OBS update); tfmot's mask updates run inside the training steps and are not timed apart. "
@@ -340,21 +306,9 @@ def markdown(rows, summary, args, info):
     return "\n".join(lines)
 
 
-def plural(n, word):
-    return f"{n} {word}{'s' * (n != 1)}"
-
-
 def fmt_acc(s):
-    if s is None:
-        return ""
-    mean, sd = s["accuracy"]
-    return f"{100 * mean:.2f} ± {100 * sd:.2f}"
-
-
-def md_table(header, rows):
-    align = ["---"] + ["---:"] * (len(header) - 1)
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"] + \
-        ["| " + " | ".join(row) + " |" for row in rows]
+    """'mean ± sd' of the test accuracy of a summary entry, in percent ('' for None)."""
+    return "" if s is None else common.mean_sd_text(*s["accuracy"])
 
 
 def plot(summary, args, info, path):
@@ -391,29 +345,21 @@ def plot(summary, args, info, path):
     return True
 
 
-def environment_line():
-    return (f"TensorFlow {tf.__version__} (CPU), tf_keras {keras.__version__}, tfmot "
-            f"{getattr(tfmot, '__version__', '?')}, Python {platform.python_version()}, {os.cpu_count()} CPU cores, "
-            f"{time.strftime('%Y-%m-%d')}")
-
-
 def main(argv=None):
     args = parse_args(argv)
-    tf.get_logger().setLevel("ERROR")
+    common.quiet_tensorflow()
     started = time.perf_counter()
-    folder = mnist_dir(args.data_dir)
-    x_train, y_train = tfw.data.load_mnist("train", folder, shuffle_seed=DENSE_SEED)
-    x_test, y_test = tfw.data.load_mnist("test", folder)
-    data = {"train": (x_train, y_train), "test": (x_test, y_test),
-            "fisher": tf.data.Dataset.from_tensor_slices((x_train, y_train))}
+    mnist = common.Mnist(args.data_dir, shuffle_seed=DENSE_SEED)
+    (x_train, y_train), (x_test, y_test) = (mnist.x_train, mnist.y_train), (mnist.x_test, mnist.y_test)
+    data = {"train": (x_train, y_train), "test": (x_test, y_test), "fisher": mnist.train}
     steps_per_epoch, end_step = schedule_steps(args, len(y_train))
-    print(f"MNIST from {folder or 'tensorflow-datasets'}: {len(y_train):,} training, {len(y_test):,} test images; "
+    print(f"MNIST from {mnist.source}: {len(y_train):,} training, {len(y_test):,} test images; "
           f"{steps_per_epoch} steps per epoch, ramp to step {end_step}, pruning every {args.frequency} steps",
           flush=True)
     pathlib.Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
 
     dense, dense_seconds = dense_model(args, data)
-    dense_accuracy = accuracy(dense, x_test, y_test)
+    dense_accuracy = common.accuracy(dense, x_test, y_test)
     dense_weights = dense.get_weights()
     print(f"dense model: test accuracy {dense_accuracy:.2%}", flush=True)
 
@@ -424,7 +370,8 @@ def main(argv=None):
                 rows.append(prune_run(method, target, seed, args, data, dense_weights))
 
     summary = summarize(rows, args)
-    info = {"command": command_line(argv), "environment": environment_line(), "num_train": len(y_train),
+    info = {"command": common.command_line(argv, script=__file__), "environment": common.environment_line(),
+            "num_train": len(y_train),
             "num_test": len(y_test), "dense_accuracy": dense_accuracy, "dense_seconds": dense_seconds,
             "steps_per_epoch": steps_per_epoch, "end_step": end_step,
             "layer_sizes": {layer.name: int(layer.kernel.shape.num_elements())
@@ -436,11 +383,7 @@ def main(argv=None):
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "gradual_mnist.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        common.write_csv(out / "gradual_mnist.csv", rows, float_format=".6g")
         (out / "gradual_mnist.md").write_text(text)
         plotted = plot(summary, args, info, out / "gradual_mnist.png")
         print(f"wrote {out / 'gradual_mnist.csv'}, {out / 'gradual_mnist.md'}"

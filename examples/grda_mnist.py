@@ -26,35 +26,29 @@ column from the csv files of an earlier full run without training the gRDA model
 """
 import argparse
 import csv
-import os
 import pathlib
-import platform
-import shlex
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))  # the scripts' helpers
+import common  # noqa: E402  (first: imports tf_woodfisher before TensorFlow)
+from common import percent, points  # noqa: E402
+import tf_woodfisher as tfw  # noqa: E402  (sets TF_USE_LEGACY_KERAS=1: tf.keras is tf_keras)
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow_model_optimization as tfmot  # noqa: E402
 
-import tf_woodfisher as tfw  # noqa: E402  (import before TensorFlow: tf.keras is then tf_keras)
-from tf_woodfisher._keras import keras, tf  # noqa: E402
-from tf_woodfisher.data import load_mnist  # noqa: E402
-from tf_woodfisher.models import mlpnet, small_cnn  # noqa: E402
-from tf_woodfisher.optimizers import GRDA  # noqa: E402
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
-DEFAULT_CACHE = REPO_ROOT / "benchmarks" / "out" / "grda_mnist"  # git-ignored
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+REPO_ROOT = pathlib.Path(common.REPO_ROOT)
+DEFAULT_OUT = pathlib.Path(common.RESULTS_DIR)
+DEFAULT_CACHE = pathlib.Path(common.CACHE_DIR) / "grda_mnist"  # git-ignored
+LOSS = common.LOSS
 TARGET_SPARSITY, TARGET_ACCURACY_GAP = 0.90, 1.0  # on the CNN: ≥ 90 % kernel sparsity within 1 point of SGD
-ARCHITECTURES = {"CNN": (small_cnn, False), "MLPNet": (mlpnet, True)}  # builder, flatten inputs
+ARCHITECTURES = {"CNN": (tfw.models.small_cnn, False), "MLPNet": (tfw.models.mlpnet, True)}  # builder, flatten
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", help="MNIST idx folder (default: $TFW_MNIST_DIR)")
+    parser.add_argument("--data-dir", help=common.MNIST_HELP)
     parser.add_argument("--epochs", type=int, help="training epochs of every run (default 40; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, SGD and gRDA μ ∈ {0.51, 0.65}")
     parser.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}; with --quick nothing is written "
@@ -89,9 +83,9 @@ def parse_args(argv=None):
                     help="divide the WoodFisher learning rate by 10 after this many epochs (default: 80 %% of "
                          "--woodfisher-epochs, as in the gRDA runs; 0: constant)")
     wf.add_argument("--frequency", type=int, default=20, help="steps between WoodFisher pruning events")
-    wf.add_argument("--num-samples", type=int, help="Fisher gradients per event (default 128; 16 with --quick)")
+    wf.add_argument("--num-gradients", type=int, help="Fisher gradients per event (default 128; 16 with --quick)")
     wf.add_argument("--fisher-batch-size", type=int, default=16, help="samples averaged into each Fisher gradient")
-    wf.add_argument("--block-size", type=int, default=2000, help="block size of the block-diagonal Fisher")
+    wf.add_argument("--fisher-block-size", type=int, default=2000, help="block size of the block-diagonal Fisher")
     wf.add_argument("--damping", type=float, default=1e-4)
     args = parser.parse_args(argv)
     if args.woodfisher_only and args.no_woodfisher:
@@ -106,8 +100,8 @@ def parse_args(argv=None):
         args.out = str(DEFAULT_OUT)
     if args.woodfisher_min_sparsity is None:
         args.woodfisher_min_sparsity = 0.0 if args.quick else 0.75
-    if args.num_samples is None:
-        args.num_samples = 16 if args.quick else 128
+    if args.num_gradients is None:
+        args.num_gradients = 16 if args.quick else 128
     return args
 
 
@@ -147,17 +141,6 @@ def learning_rate(args, steps_per_epoch, woodfisher=False):
     return keras.optimizers.schedules.PiecewiseConstantDecay([drop * steps_per_epoch], [lr, lr / 10])
 
 
-def prunable_kernels(model):
-    """The Dense and Conv2D kernels of ``model`` (the weights that pruning methods sparsify)."""
-    return [layer.kernel for layer in model.layers if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]
-
-
-def sparsity(variables):
-    """Fraction of exact zeros over all entries of ``variables``, in [0, 1]."""
-    zeros = sum(int(np.count_nonzero(v.numpy() == 0)) for v in variables)
-    return zeros / sum(int(np.prod(v.shape)) for v in variables)
-
-
 class KernelSparsityHistory(keras.callbacks.Callback):
     """Records the kernel sparsity (fraction) at the end of every epoch in ``self.values``."""
 
@@ -165,18 +148,13 @@ class KernelSparsityHistory(keras.callbacks.Callback):
         self.values = []
 
     def on_epoch_end(self, epoch, logs=None):
-        self.values.append(sparsity(prunable_kernels(self.model)))
+        self.values.append(common.kernel_sparsity(common.prunable_kernels(self.model)))
 
 
 def woodfisher_schedule_steps(args, num_train):
     """(steps per epoch, end_step) of the WoodFisher ramp; its last event falls on a multiple of --frequency."""
-    steps_per_epoch = -(-num_train // args.batch_size)
-    ramp_steps = int(args.woodfisher_ramp_epochs * steps_per_epoch)
-    end_step = ramp_steps // args.frequency * args.frequency
-    if end_step < args.frequency:
-        sys.exit(f"error: the WoodFisher ramp ({ramp_steps} steps) is shorter than one --frequency "
-                 f"({args.frequency} steps)")
-    return steps_per_epoch, end_step
+    return common.ramp_steps(num_train, args.batch_size, args.woodfisher_ramp_epochs, args.frequency,
+                             what="the WoodFisher ramp")
 
 
 def woodfisher_same_sparsity(model_name, kernel_sparsity, train, test, args, dense_weights, seed=0):
@@ -197,21 +175,20 @@ def woodfisher_same_sparsity(model_name, kernel_sparsity, train, test, args, den
     base.set_weights(dense_weights)
     schedule = tfw.GradualSchedule(initial_sparsity=0.0, final_sparsity=float(kernel_sparsity), begin_step=0,
                                    end_step=end_step, power=3, frequency=args.frequency)
-    fisher_dataset = tf.data.Dataset.from_tensor_slices(train)
-    model = tfw.prune_woodfisher(base, schedule, fisher_dataset, LOSS, method="woodfisher", mode="global",
-                                 num_samples=args.num_samples, fisher_batch_size=args.fisher_batch_size,
-                                 block_size=args.block_size, damping=args.damping)
+    model = tfw.prune_woodfisher(base, schedule, method="woodfisher", mode="global", num_gradients=args.num_gradients,
+                                 fisher_batch_size=args.fisher_batch_size, fisher_block_size=args.fisher_block_size,
+                                 damping=args.damping, seed=args.seed + 100_000 * seed)
     model.compile(keras.optimizers.SGD(learning_rate(args, steps_per_epoch, woodfisher=True)), LOSS,
                   metrics=["accuracy"])
-    callback = tfw.UpdatePruningStep(seed=args.seed + 100_000 * seed)
+    callback = tfw.UpdatePruningStep(tf.data.Dataset.from_tensor_slices(train), LOSS)
     start = time.perf_counter()
     model.fit(*train, batch_size=args.batch_size, epochs=args.woodfisher_epochs, shuffle=True, verbose=0,
               callbacks=[callback])
     seconds = time.perf_counter() - start
-    stripped = tfmot.sparsity.keras.strip_pruning(model)
-    stripped.compile(metrics=["accuracy"], loss=LOSS)
-    return {"woodfisher_accuracy": stripped.evaluate(*test, batch_size=1000, verbose=0)[1],
-            "woodfisher_sparsity": sparsity(prunable_kernels(stripped)), "woodfisher_seconds": seconds,
+    stripped = tfw.strip_pruning(model)
+    return {"woodfisher_accuracy": common.accuracy(stripped, *test),
+            "woodfisher_sparsity": common.kernel_sparsity(common.prunable_kernels(stripped)),
+            "woodfisher_seconds": seconds,
             "woodfisher_event_seconds": sum(e["seconds"] for e in callback.events),
             "woodfisher_events": len(callback.events)}
 
@@ -227,16 +204,16 @@ def train_one(model_name, run, train, test, initial_weights, args):
     if run["optimizer"] == "SGD":
         optimizer = keras.optimizers.SGD(lr)
     else:
-        optimizer = GRDA(lr, c=run["c"], mu=run["mu"], exclude="bias")
+        optimizer = tfw.optimizers.GRDA(lr, c=run["c"], mu=run["mu"], exclude="bias")
     model.compile(optimizer, LOSS, metrics=["accuracy"])
     history = KernelSparsityHistory()
     start = time.perf_counter()
     model.fit(*train, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=0, callbacks=[history])
     seconds = time.perf_counter() - start
-    accuracy = model.evaluate(*test, batch_size=1000, verbose=0)[1]
+    accuracy = common.accuracy(model, *test)
     row = dict(model=model_name, **run, lr=args.lr, lr_drop_epoch=args.lr_drop_epoch,
                batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-               kernel_sparsity=history.values[-1], all_sparsity=sparsity(model.trainable_variables),
+               kernel_sparsity=history.values[-1], all_sparsity=common.kernel_sparsity(model.trainable_variables),
                test_accuracy=accuracy, seconds=seconds, curve=history.values)
     return row, model
 
@@ -264,19 +241,14 @@ def cached_sgd_weights(model_name, train, test, initial_weights, args, sgd_row):
     print(f"{model_name}: no cached SGD weights ({path}): training the SGD run again", flush=True)
     row, model = train_one(model_name, {"optimizer": "SGD", "c": None, "mu": None}, train, test, initial_weights,
                            args)
-    save_weights(model, path)
+    common.save_weights(model, path)
     same = abs(row["test_accuracy"] - sgd_row["test_accuracy"]) < 5e-5
-    print(f"{model_name}: retrained SGD test accuracy {_percent(row['test_accuracy'])} % "
-          f"({'the same as' if same else 'DIFFERENT from'} the csv's {_percent(sgd_row['test_accuracy'])} %)",
+    print(f"{model_name}: retrained SGD test accuracy {percent(row['test_accuracy'])} % "
+          f"({'the same as' if same else 'DIFFERENT from'} the csv's {percent(sgd_row['test_accuracy'])} %)",
           flush=True)
     return model.get_weights(), ("retrained, same test accuracy as the csv" if same else
-                                 f"retrained: test accuracy {_percent(row['test_accuracy'])} %, not the csv's "
-                                 f"{_percent(sgd_row['test_accuracy'])} %")
-
-
-def save_weights(model, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save_weights(str(path))
+                                 f"retrained: test accuracy {percent(row['test_accuracy'])} %, not the csv's "
+                                 f"{percent(sgd_row['test_accuracy'])} %")
 
 
 def add_woodfisher_column(name, model_rows, train, test, args, dense_weights):
@@ -293,46 +265,37 @@ def add_woodfisher_column(name, model_rows, train, test, args, dense_weights):
         for seed in range(args.woodfisher_seeds):
             runs.append(woodfisher_same_sparsity(name, row["kernel_sparsity"], train, test, args, dense_weights, seed))
             run = runs[-1]
-            print(f"{name:7s} WoodFisher to {_percent(row['kernel_sparsity'])} % (gRDA c={row['c']}, μ={row['mu']}), "
-                  f"seed {seed}: sparsity {_percent(run['woodfisher_sparsity'])} %, test acc "
-                  f"{_percent(run['woodfisher_accuracy'])} % vs gRDA {_percent(row['test_accuracy'])} % "
+            print(f"{name:7s} WoodFisher to {percent(row['kernel_sparsity'])} % (gRDA c={row['c']}, μ={row['mu']}), "
+                  f"seed {seed}: sparsity {percent(run['woodfisher_sparsity'])} %, test acc "
+                  f"{percent(run['woodfisher_accuracy'])} % vs gRDA {percent(row['test_accuracy'])} % "
                   f"({run['woodfisher_seconds']:.0f} s, of which {run['woodfisher_event_seconds']:.0f} s in "
                   f"{run['woodfisher_events']} pruning events)", flush=True)
         accuracies = [r["woodfisher_accuracy"] for r in runs]
-        row.update({key: float(np.mean([r[key] for r in runs])) for key in
+        row.update({key: common.mean_sd([r[key] for r in runs])[0] for key in
                     ("woodfisher_accuracy", "woodfisher_sparsity", "woodfisher_seconds", "woodfisher_event_seconds")})
-        row.update(woodfisher_accuracy_sd=float(np.std(accuracies, ddof=1)) if len(runs) > 1 else None,
+        row.update(woodfisher_accuracy_sd=common.mean_sd(accuracies)[1] if len(runs) > 1 else None,
                    woodfisher_accuracies=" ".join(f"{a:.4f}" for a in accuracies),
                    woodfisher_events=runs[0]["woodfisher_events"])
 
 
-def _percent(value):
-    return "—" if value is None else f"{100 * value:.2f}"
-
-
-def _points(value):
-    return "—" if value is None else f"{100 * value:+.2f}"
+RESULTS_HEADER = ["Model", "Optimizer", "c", "μ", "Kernel sparsity %", "All-param sparsity %", "Test acc. %",
+                  "Δ acc. vs SGD (pt)", "WoodFisher acc. at same sparsity %", "WoodFisher − gRDA (pt)",
+                  "Train time (s)", "WoodFisher time (s)"]
 
 
 def markdown_table(rows):
     """The results as a markdown table (percentages; Δ are test-accuracy differences in points)."""
-    lines = ["| Model | Optimizer | c | μ | Kernel sparsity % | All-param sparsity % | Test acc. % "
-             "| Δ acc. vs SGD (pt) | WoodFisher acc. at same sparsity % | WoodFisher − gRDA (pt) | Train time (s) "
-             "| WoodFisher time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = []
     for r in rows:
-        delta = "—" if r["optimizer"] == "SGD" else _points(r["delta_vs_sgd"])
         wf = r.get("woodfisher_accuracy")
-        wf_delta = None if wf is None else wf - r["test_accuracy"]
-        wf_cell = _percent(wf) + ("" if r.get("woodfisher_accuracy_sd") is None
-                                  else f" ± {100 * r['woodfisher_accuracy_sd']:.2f}")
-        wf_time = "—" if r.get("woodfisher_seconds") is None else f"{r['woodfisher_seconds']:.0f}"
-        lines.append(
-            f"| {r['model']} | {r['optimizer']} | {r['c'] if r['c'] is not None else '—'} "
-            f"| {r['mu'] if r['mu'] is not None else '—'} | {_percent(r['kernel_sparsity'])} "
-            f"| {_percent(r['all_sparsity'])} | {_percent(r['test_accuracy'])} | {delta} "
-            f"| {wf_cell} | {_points(wf_delta)} | {r['seconds']:.0f} | {wf_time} |")
-    return "\n".join(lines)
+        table.append([
+            r["model"], r["optimizer"], "—" if r["c"] is None else r["c"], "—" if r["mu"] is None else r["mu"],
+            percent(r["kernel_sparsity"]), percent(r["all_sparsity"]), percent(r["test_accuracy"]),
+            "—" if r["optimizer"] == "SGD" else points(r["delta_vs_sgd"]),
+            common.mean_sd_text(wf, r.get("woodfisher_accuracy_sd")),
+            points(None if wf is None else wf - r["test_accuracy"]), f"{r['seconds']:.0f}",
+            "—" if r.get("woodfisher_seconds") is None else f"{r['woodfisher_seconds']:.0f}"])
+    return common.markdown_table(RESULTS_HEADER, table, align="l" * len(RESULTS_HEADER))
 
 
 def target_verdict(rows):
@@ -343,9 +306,9 @@ def target_verdict(rows):
             and 100 * (sgd["test_accuracy"] - r["test_accuracy"]) <= TARGET_ACCURACY_GAP]
     if not hits:
         return "Target (CNN: ≥ 90 % kernel sparsity within 1.0 point of SGD): **not met** by any run."
-    runs = ", ".join(f"c={r['c']}, μ={r['mu']} ({_percent(r['kernel_sparsity'])} % sparse, "
-                     f"{_percent(r['test_accuracy'])} %)" for r in hits)
-    return f"Target (CNN: ≥ 90 % kernel sparsity within 1.0 point of SGD, {_percent(sgd['test_accuracy'])} %): " \
+    runs = ", ".join(f"c={r['c']}, μ={r['mu']} ({percent(r['kernel_sparsity'])} % sparse, "
+                     f"{percent(r['test_accuracy'])} %)" for r in hits)
+    return f"Target (CNN: ≥ 90 % kernel sparsity within 1.0 point of SGD, {percent(sgd['test_accuracy'])} %): " \
            f"**met** by {runs}."
 
 
@@ -353,13 +316,6 @@ CSV_FIELDS = ["model", "optimizer", "c", "mu", "lr", "lr_drop_epoch", "batch_siz
               "kernel_sparsity", "all_sparsity", "test_accuracy", "delta_vs_sgd", "woodfisher_accuracy",
               "woodfisher_accuracy_sd", "woodfisher_accuracies", "woodfisher_sparsity", "seconds",
               "woodfisher_seconds", "woodfisher_event_seconds", "woodfisher_events"]
-
-
-def command_line(argv=None):
-    """The command that runs ``main(argv)``, as typed from the repository root."""
-    script = os.path.relpath(os.path.abspath(__file__), REPO_ROOT)
-    argv = sys.argv[1:] if argv is None else argv
-    return " ".join(["python", shlex.quote(script)] + [shlex.quote(a) for a in argv])
 
 
 def read_results(out, args):
@@ -407,25 +363,19 @@ def read_results(out, args):
 
 
 def write_outputs(rows, args, out, wall_seconds, argv=None, previous=None):
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "grda_mnist.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
-    with open(out / "grda_mnist_curves.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "optimizer", "c", "mu", "epoch", "kernel_sparsity"])
-        for r in rows:
-            writer.writerows([r["model"], r["optimizer"], r["c"], r["mu"], epoch, round(value, 6)]
-                             for epoch, value in enumerate(r["curve"], 1))
-    cpu = platform.processor() or platform.machine()
-    machine = f"{wall_seconds / 60:.1f} min on {os.cpu_count()} CPU cores ({cpu}), TensorFlow {tf.__version__}"
+    common.write_csv(out / "grda_mnist.csv", rows, CSV_FIELDS, float_format=".6g")
+    common.write_csv(out / "grda_mnist_curves.csv",
+                     [dict(model=r["model"], optimizer=r["optimizer"], c=r["c"], mu=r["mu"], epoch=epoch,
+                           kernel_sparsity=value) for r in rows for epoch, value in enumerate(r["curve"], 1)],
+                     float_format=".6g")
+    command = (f"`{common.command_line(argv, script=__file__)}` — {wall_seconds / 60:.1f} min "
+               f"({common.environment_line()})")
     if previous is None:
-        header = [f"Command: `{command_line(argv)}` — {machine}."]
+        header = [f"Command: {command}."]
     else:
         header = ["Commands:", "", f"* SGD and gRDA rows: {previous}.",
                   f"* WoodFisher column (`--woodfisher-only`: the other columns are read from the csv files of that "
-                  f"run): `{command_line(argv)}` — {machine}."]
+                  f"run): {command}."]
     lr_drop = f" (÷10 after epoch {args.lr_drop_epoch})" if 0 < args.lr_drop_epoch < args.epochs else ""
     text = [
         "# gRDA vs SGD on MNIST (5k training subset), and WoodFisher at the same sparsity", "", *header, "",
@@ -459,7 +409,7 @@ def woodfisher_description(rows, args):
     cache = cache.relative_to(REPO_ROOT) if cache.is_relative_to(REPO_ROOT) else cache
     wf_drop = (f" (÷10 after epoch {args.woodfisher_lr_drop_epoch}: the schedule of the other runs, compressed)"
                if 0 < args.woodfisher_lr_drop_epoch < args.woodfisher_epochs else "")
-    epochs = f"{args.woodfisher_epochs} epoch{'s' * (args.woodfisher_epochs != 1)}"
+    epochs = common.plural(args.woodfisher_epochs, "epoch")
     seeds = ("one run per row (seed 0)" if args.woodfisher_seeds == 1 else
              f"{args.woodfisher_seeds} runs per row (seeds 0–{args.woodfisher_seeds - 1}: data order and Fisher "
              "samples; the SGD model is the same), mean ± sample sd, each run's accuracy in the csv")
@@ -467,8 +417,10 @@ def woodfisher_description(rows, args):
         "WoodFisher column (gradual WoodFisher pruning at the gRDA run's sparsity): each run starts from the SGD "
         f"model of the same model type in this table (trained once, weights cached in `{cache}`) and prunes its "
         f"Dense and Conv2D kernels with `tfw.prune_woodfisher(method='woodfisher', mode='global', "
-        f"num_samples={args.num_samples}, fisher_batch_size={args.fisher_batch_size}, block_size={args.block_size}, "
-        f"damping={args.damping:g})` (one global threshold, OBS update at each event; biases are not pruned) to the "
+        f"num_gradients={args.num_gradients}, fisher_batch_size={args.fisher_batch_size}, "
+        f"fisher_block_size={args.fisher_block_size}, damping={args.damping:g})` with "
+        "`tfw.UpdatePruningStep(fisher_dataset, loss)` (one global threshold, OBS update at each event; biases are "
+        "not pruned) to the "
         f"gRDA run's kernel sparsity, along `tfw.GradualSchedule` (cubic ramp from 0, an event every "
         f"{args.frequency} steps up to step {end_step} = {end_step / steps_per_epoch:.1f} epochs), then fine-tunes "
         f"at that sparsity. Budget: {epochs} per run in all, {100 * args.woodfisher_epochs / args.epochs:.0f} % of "
@@ -543,7 +495,7 @@ def plot_curves(rows, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    tf.get_logger().setLevel("ERROR")
+    common.quiet_tensorflow()
     start = time.perf_counter()
     previous = None
     if args.woodfisher_only:
@@ -551,8 +503,8 @@ def main(argv=None):
     resolve_woodfisher_defaults(args)
     rows = []
     for name, (builder, flatten) in ARCHITECTURES.items():
-        train = load_mnist("train", args.data_dir, flatten=flatten, shuffle_seed=args.seed)
-        test = load_mnist("test", args.data_dir, flatten=flatten)
+        mnist = common.Mnist(args.data_dir, flatten=flatten, shuffle_seed=args.seed)
+        train, test = (mnist.x_train, mnist.y_train), (mnist.x_test, mnist.y_test)
         args.num_train = len(train[1])
         keras.utils.set_random_seed(args.seed)
         initial_weights = builder().get_weights()
@@ -570,9 +522,9 @@ def main(argv=None):
                 model_rows.append(row)
                 if run["optimizer"] == "SGD":
                     dense_weights = model.get_weights()
-                    save_weights(model, sgd_cache_path(name, args))
+                    common.save_weights(model, sgd_cache_path(name, args))
                 print(f"{name:7s} {run['optimizer']:5s} c={run['c']} mu={run['mu']}: kernel sparsity "
-                      f"{_percent(row['kernel_sparsity'])} %, test acc {_percent(row['test_accuracy'])} % "
+                      f"{percent(row['kernel_sparsity'])} %, test acc {percent(row['test_accuracy'])} % "
                       f"({row['seconds']:.0f} s)", flush=True)
             sgd_accuracy = model_rows[0]["test_accuracy"]
             for row in model_rows:

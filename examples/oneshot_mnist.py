@@ -12,41 +12,33 @@ MNIST comes from --data-dir, else $TFW_MNIST_DIR, else ../shared/datasets/mnist 
 of a training set (the official one or the 5k subset), which provides the Fisher samples.
 """
 import argparse
-import os
+import pathlib
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))  # the scripts' helpers
+import common  # noqa: E402  (first: imports tf_woodfisher before TensorFlow)
+import tf_woodfisher as tfw  # noqa: E402  (sets TF_USE_LEGACY_KERAS=1: tf.keras is tf_keras)
 
-import numpy as np  # noqa: E402
-
-import tf_woodfisher as tfw  # noqa: E402  (import before TensorFlow: tf.keras is then tf_keras)
-from tf_woodfisher._keras import keras, tf  # noqa: E402
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO_ROOT, os.pardir, "shared")
-REFERENCE_ACCURACY = 0.9397
-
-# The configuration of each method (keyword arguments of tfw.one_shot_prune). WoodFisher: the best one found
-# by benchmarks/oneshot_table.py (see BENCHMARKS.md): 8 pruning steps (each removing the same fraction of the
-# remaining weights), each with a fresh inverse of the whole-model Fisher block from 400 gradients of 10
-# samples, λ = 1e-4.
+# The configuration of each method (overrides of tfw.WoodFisherConfig, given to tfw.one_shot_prune). WoodFisher:
+# the best one found by benchmarks/oneshot_table.py (see BENCHMARKS.md): 8 pruning steps (each removing the same
+# fraction of the remaining weights), each with a fresh inverse of the whole-model Fisher block from 400 gradients
+# of 10 samples, λ = 1e-4.
 CONFIGS = {
     "magnitude": dict(method="magnitude", mode="global"),
     "magnitude_layerwise": dict(method="magnitude", mode="layerwise"),
-    "diagonal_fisher": dict(method="diagonal_fisher", mode="global", num_samples=100, fisher_batch_size=1),
-    "woodfisher": dict(method="woodfisher", mode="global", num_samples=400, fisher_batch_size=10, block_size="model",
-                       damping=1e-4, steps=8),
-    "woodfisher_authors": dict(method="woodfisher", mode="global", num_samples=100, fisher_batch_size=1, damping=1e-5),
+    "diagonal_fisher": dict(method="diagonal_fisher", mode="global", num_gradients=100, fisher_batch_size=1),
+    "woodfisher": dict(method="woodfisher", mode="global", num_gradients=400, fisher_batch_size=10,
+                       fisher_block_size="model", damping=1e-4, steps=8),
+    "woodfisher_authors": dict(method="woodfisher", mode="global", num_gradients=100, fisher_batch_size=1,
+                               damping=1e-5),
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", help="MNIST idx folder (default: $TFW_MNIST_DIR, ../shared/datasets/mnist, "
-                                           "else tensorflow-datasets)")
-    parser.add_argument("--weights", help="reference MLPNet .npz (default: $TFW_MLPNET_NPZ, else "
-                                          "../shared/models/mlpnet_mnist_reference.npz next to the repository)")
+    parser.add_argument("--data-dir", help=common.MNIST_HELP)
+    parser.add_argument("--weights", help=common.MLPNET_HELP)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95], metavar="S",
                         help="target sparsities in [0, 1) (default: 0.9 0.95)")
     parser.add_argument("--method", nargs="+", default=["magnitude", "woodfisher"], choices=sorted(CONFIGS),
@@ -59,53 +51,26 @@ def parse_args(argv=None):
     return args
 
 
-def data_dir(path):
-    if path:
-        return path
-    if os.environ.get(tfw.data.MNIST_ENV_VAR):
-        return os.environ[tfw.data.MNIST_ENV_VAR]
-    shared = os.path.join(SHARED, "datasets", "mnist")
-    return os.path.normpath(shared) if os.path.isdir(shared) else None  # None: tensorflow-datasets
-
-
-def weights_path(path):
-    path = path or os.environ.get("TFW_MLPNET_NPZ") or os.path.join(SHARED, "models", "mlpnet_mnist_reference.npz")
-    path = os.path.normpath(path)
-    if not os.path.exists(path):
-        sys.exit(f"error: no MLPNet weights at {path}: pass --weights or set $TFW_MLPNET_NPZ")
-    return path
-
-
-def accuracy(model, x, y):
-    return float(np.mean(model.predict(x, batch_size=5000, verbose=0).argmax(axis=1) == y))
-
-
 def main(argv=None):
     args = parse_args(argv)
-    tf.get_logger().setLevel("ERROR")
+    common.quiet_tensorflow()
     say = (lambda *a, **k: None) if args.quiet else print
     started = time.perf_counter()
 
-    folder, npz = data_dir(args.data_dir), weights_path(args.weights)
-    x_train, y_train = tfw.data.load_mnist("train", folder, flatten=True, shuffle_seed=0)
-    x_test, y_test = tfw.data.load_mnist("test", folder, flatten=True)
-    fisher_data = tf.data.Dataset.from_tensor_slices((x_train, y_train))
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    say(f"MNIST: {len(y_train):,} training samples (Fisher data), {len(y_test):,} test samples "
-        f"from {folder or 'tensorflow-datasets'}")
-
-    dense = accuracy(tfw.models.mlpnet(npz), x_test, y_test)
-    print(f"reference MLPNet ({npz}): dense test accuracy {dense:.2%}")
-    if abs(dense - REFERENCE_ACCURACY) > 5e-5:
-        sys.exit(f"error: expected {REFERENCE_ACCURACY:.2%}; the weights or the test set are not the reference ones")
+    npz = common.mlpnet_npz(args.weights)
+    mnist = common.Mnist(args.data_dir, flatten=True)
+    say(f"MNIST: {len(mnist.y_train):,} training samples (Fisher data), {len(mnist.y_test):,} test samples "
+        f"from {mnist.source}")
+    dense = common.accuracy(tfw.models.mlpnet(npz), mnist.x_test, mnist.y_test)
+    common.check_reference_accuracy(dense, what=f"reference MLPNet ({npz})")
 
     results = {}
     for name in args.method:
         config = CONFIGS[name]
         for target in args.sparsities:
             model = tfw.models.mlpnet(npz)
-            report = tfw.one_shot_prune(model, fisher_data, loss, target, seed=args.seed, verbose=0, **config)
-            results[name, target] = (accuracy(model, x_test, y_test), report)
+            report = tfw.one_shot_prune(model, mnist.train, common.LOSS, target, seed=args.seed, verbose=0, **config)
+            results[name, target] = (common.accuracy(model, mnist.x_test, mnist.y_test), report)
             options = ", ".join(f"{k}={v}" for k, v in config.items() if k != "method")
             say(f"\n{name} to {target:.0%} ({options}): test accuracy {results[name, target][0]:.2%}")
             say(report)

@@ -25,7 +25,7 @@ elif ROLE in ("multiworker", "disagree"):  # collectives must be configured befo
     STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()
 
 import tf_woodfisher as tfw  # noqa: E402
-from tf_woodfisher._keras import keras  # noqa: E402
+import tf_keras as keras  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 PER_SAMPLE_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
@@ -43,12 +43,12 @@ def full_batch_dataset(steps):
     return data.with_options(options)
 
 
-def one_shot(strategy, method="woodfisher", block_size=2000, damping=1e-5):
+def one_shot(strategy, method="woodfisher", fisher_block_size=2000, damping=1e-5):
     """Blocks of 2000 entries: the gradient rows are all-gathered; of 20 (< m/2): Gram sums all-reduced."""
     with strategy.scope():
         model = tfw.models.mlpnet(NPZ)
-    report = tfw.one_shot_prune(model, fisher, LOSS, 0.9, method=method, num_samples=64, fisher_batch_size=2,
-                                block_size=block_size, damping=damping, steps=2, strategy=strategy, verbose=0)
+    report = tfw.one_shot_prune(model, fisher, LOSS, 0.9, method=method, num_gradients=64, fisher_batch_size=2,
+                                fisher_block_size=fisher_block_size, damping=damping, steps=2, strategy=strategy, verbose=0)
     return [w.numpy() for w in model.weights], report.sparsity, [report.gathered_bytes, report.reduced_bytes]
 
 
@@ -56,9 +56,9 @@ def gradual(strategy, steps=12):
     with strategy.scope():
         base = tfw.models.mlpnet(NPZ)
         schedule = tfw.GradualSchedule(0.5, 0.9, begin_step=0, end_step=8, frequency=4)
-        model = tfw.prune_woodfisher(base, schedule, fisher, LOSS, num_samples=32, block_size=1000)
+        model = tfw.prune_woodfisher(base, schedule, num_gradients=32, fisher_block_size=1000)
         model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS)
-    callback = tfw.UpdatePruningStep()
+    callback = tfw.UpdatePruningStep(fisher, LOSS)
     model.fit(full_batch_dataset(steps), epochs=1, callbacks=[callback], verbose=0)
     masks = [m.numpy() for layer in model.layers for _, m, _ in layer.pruning_vars]
     return [w.numpy() for w in base.weights], masks, [e["step"] for e in callback.events]
@@ -130,7 +130,7 @@ elif ROLE == "disagree":
         if worker == 1 and what == "model":
             model.weights[0].assign_add(tf.one_hot(0, 784)[:, None] * 1e-3 * tf.ones([1, 40]))
         try:
-            tfw.one_shot_prune(model, data, LOSS, 0.5, num_samples=8, shuffle_buffer=0, strategy=STRATEGY, verbose=0)
+            tfw.one_shot_prune(model, data, LOSS, 0.5, num_gradients=8, shuffle_buffer=0, strategy=STRATEGY, verbose=0)
             errors.append("no error")
         except ValueError as error:
             errors.append(str(error))
@@ -138,6 +138,6 @@ elif ROLE == "disagree":
 else:
     strategy = STRATEGY if ROLE == "multiworker" else tf.distribute.get_strategy()
     weights, masks, events = gradual(strategy)
-    reduced, _, exchanged = one_shot(strategy, block_size=20, damping=0.1)  # sums in another order: λ bounds the error
+    reduced, _, exchanged = one_shot(strategy, fisher_block_size=20, damping=0.1)  # sums reordered: λ bounds the error
     save(gradual=weights, masks=masks, events=events, grda=grda(strategy), replicas=strategy.num_replicas_in_sync,
          reduced=reduced, exchanged=exchanged)

@@ -9,7 +9,8 @@ import sys
 
 import numpy as np
 
-from tf_woodfisher._keras import keras, tf
+import tensorflow as tf
+import tf_keras as keras
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)

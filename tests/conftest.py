@@ -30,6 +30,16 @@ def mlpnet_npz():
 
 
 @pytest.fixture(scope="session")
+def cifar10_dir():
+    return str(_required_path("TFW_CIFAR10_DIR", SHARED / "datasets" / "cifar10"))
+
+
+@pytest.fixture(scope="session")
+def resnet20_npz():
+    return str(_required_path("TFW_RESNET20_NPZ", SHARED / "models" / "resnet20_cifar10_reference.npz"))
+
+
+@pytest.fixture(scope="session")
 def mnist_flat(mnist_dir):
     """((x_train, y_train), (x_test, y_test)), x flattened to 784, train rows shuffled with seed 0."""
     return (tfw.data.load_mnist("train", mnist_dir, flatten=True, shuffle_seed=0),

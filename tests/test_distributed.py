@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import tf_woodfisher as tfw
-from tf_woodfisher._keras import keras, tf
+import tensorflow as tf
+import tf_keras as keras
 from tf_woodfisher.fisher.grams import reduced_bytes
 
 WORKER = pathlib.Path(__file__).with_name("_distributed_worker.py")
@@ -128,11 +129,11 @@ def test_num_samples_not_divisible_by_replicas_and_distributed_dataset(mnist_fla
         num_replicas_in_sync = 3
 
     with pytest.raises(ValueError, match="not divisible by the strategy's 3 replicas"):
-        tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), fisher, loss, 0.5, num_samples=32, strategy=ThreeReplicas(),
+        tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), fisher, loss, 0.5, num_gradients=32, strategy=ThreeReplicas(),
                            verbose=0)
     distributed = tf.distribute.MirroredStrategy(["/cpu:0"]).experimental_distribute_dataset(fisher.batch(8))
     with pytest.raises(TypeError, match="not a distributed dataset"):
-        tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), distributed, loss, 0.5, num_samples=32, verbose=0)
+        tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), distributed, loss, 0.5, num_gradients=32, verbose=0)
 
 
 def test_workers_that_disagree_are_detected(tmp_path, mnist_dir, mlpnet_npz):

@@ -4,7 +4,8 @@ import pytest
 import tensorflow_model_optimization as tfmot
 
 import tf_woodfisher as tfw
-from tf_woodfisher._keras import keras, tf
+import tensorflow as tf
+import tf_keras as keras
 from tf_woodfisher.export import Interpreter, TFLiteVerificationError, _input_array, export_tflite
 
 

@@ -4,10 +4,12 @@ import pytest
 import tensorflow_model_optimization as tfmot
 
 import tf_woodfisher as tfw
-from tf_woodfisher._keras import keras, tf
+import tensorflow as tf
+import tf_keras as keras
 from tf_woodfisher.fisher.grams import BlockGrams
-from tf_woodfisher.fisher.gradients import collect_gradient_columns, collect_gradients
-from tf_woodfisher.pruning.targets import find_prunable_weights
+from tf_woodfisher.fisher import gradients
+from tf_woodfisher.tfmot.problem import input_rank, per_sample_loss
+from tf_woodfisher.tfmot.targets import find_prunable_weights
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -24,6 +26,24 @@ class ScaledDense(keras.layers.Layer, tfmot.sparsity.keras.PrunableLayer):
 
     def get_prunable_weights(self):
         return [self.w]
+
+
+def _core_arguments(model, data, loss):
+    """What the tfmot adapter hands the core: an inference-mode forward, a per-sample loss, batched or not."""
+    forward = lambda x: model(x, training=False)  # noqa: E731
+    if not isinstance(data, tf.data.Dataset):
+        return forward, per_sample_loss(loss), None
+    return forward, per_sample_loss(loss), gradients.looks_batched(data, input_rank(model))
+
+
+def collect_gradients(model, variables, data, loss, *args, **kwargs):
+    forward, loss_fn, batched = _core_arguments(model, data, loss)
+    return gradients.collect_gradients(forward, variables, data, loss_fn, *args, batched=batched, **kwargs)
+
+
+def collect_gradient_columns(model, variables, data, loss, *args, **kwargs):
+    forward, loss_fn, batched = _core_arguments(model, data, loss)
+    return gradients.collect_gradient_columns(forward, variables, data, loss_fn, *args, batched=batched, **kwargs)
 
 
 def every_layer_model():

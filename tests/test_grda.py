@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from tf_woodfisher._keras import keras, tf
+import tensorflow as tf
+import tf_keras as keras
 from tf_woodfisher.models import mlpnet
 from tf_woodfisher.optimizers import GRDA
 

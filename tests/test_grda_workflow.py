@@ -4,7 +4,7 @@ import pytest
 import tensorflow_model_optimization as tfmot
 
 import tf_woodfisher as tfw
-from tf_woodfisher._keras import keras
+import tf_keras as keras
 
 NUM_TRAIN, NUM_TEST = 500, 2000
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -6,7 +6,8 @@ import pytest
 import tensorflow_model_optimization as tfmot
 
 import tf_woodfisher as tfw
-from tf_woodfisher._keras import keras, tf
+import tensorflow as tf
+import tf_keras as keras
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 sparsity_api = tfmot.sparsity.keras
@@ -52,12 +53,16 @@ def masks(model):
             for _, m, _ in layer.pruning_vars]
 
 
+def data_set(data):
+    x, y, _, _ = data
+    return tf.data.Dataset.from_tensor_slices((x, y))
+
+
 def fit_pruned(model, data, schedule, epochs=2, callbacks=(), **kwargs):
     x, y, _, _ = data
-    pruned = tfw.prune_woodfisher(model, schedule, tf.data.Dataset.from_tensor_slices((x, y)), LOSS,
-                                  num_samples=32, **kwargs)
+    pruned = tfw.prune_woodfisher(model, schedule, num_gradients=32, **kwargs)
     pruned.compile(keras.optimizers.Adam(1e-3), LOSS, ["accuracy"])
-    callback = tfw.UpdatePruningStep()
+    callback = tfw.UpdatePruningStep(tf.data.Dataset.from_tensor_slices((x, y)), LOSS)
     history = pruned.fit(x, y, batch_size=64, epochs=epochs, callbacks=[callback, *callbacks], verbose=0)
     return pruned, callback, history
 
@@ -66,7 +71,8 @@ def test_wrappers_are_tfmot_wrappers_and_strip(data):
     model = trained_mlp(data)
     pruned, callback, history = fit_pruned(model, data, sparsity_api.ConstantSparsity(0.8, 0, frequency=10))
     wrappers = [layer for layer in pruned.layers if isinstance(layer, tfw.PruneWoodFisher)]
-    assert wrappers and all(isinstance(w, tfw.keras.PruneWoodFisher.__mro__[1]) for w in wrappers)
+    assert wrappers and all(isinstance(w, sparsity_api.prune_low_magnitude(keras.layers.Dense(1)).__class__)
+                            for w in wrappers)
     assert len(callback.events) == 3  # steps 10, 20, 30 of 32 (1024 samples / 64)
     stripped = sparsity_api.strip_pruning(pruned)
     assert not any(isinstance(layer, tfw.PruneWoodFisher) for layer in stripped.layers)
@@ -80,16 +86,15 @@ def test_wrappers_are_tfmot_wrappers_and_strip(data):
 
 def test_layer_and_list_wrapping_and_layerwise_mode(data, fisher):
     x, y, _, _ = data
-    layer = tfw.prune_woodfisher(keras.layers.Dense(10, name="head"), sparsity_api.ConstantSparsity(0.5, 0), fisher,
-                                 LOSS)
+    layer = tfw.prune_woodfisher(keras.layers.Dense(10, name="head"), sparsity_api.ConstantSparsity(0.5, 0))
     assert isinstance(layer, tfw.PruneWoodFisher) and layer.name == "prune_wood_fisher_head"  # tfmot's naming
     dense = keras.layers.Dense(16, activation="relu")
     wrapped = tfw.prune_woodfisher([keras.layers.InputLayer((784,)), dense, keras.layers.Dense(10)],
-                                   tfw.OneShotSchedule(0.6, step=3), fisher, LOSS, mode="layerwise", num_samples=16)
+                                   tfw.OneShotSchedule(0.6, step=3), mode="layerwise", num_gradients=16)
     assert isinstance(wrapped[0], keras.layers.InputLayer) and wrapped[1].layer is dense
     model = keras.Sequential(wrapped)
     model.compile("adam", LOSS)
-    model.fit(x[:256], y[:256], batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep()], verbose=0)
+    model.fit(x[:256], y[:256], batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep(fisher, LOSS)], verbose=0)
     for m in masks(model):
         assert 1 - m.mean() == pytest.approx(0.6, abs=1e-3)
 
@@ -99,14 +104,14 @@ def test_polynomial_decay_and_gradual_schedule_with_recomputation(data):
     pruned, callback, _ = fit_pruned(trained_mlp(data), data, schedule, epochs=2)  # 32 steps
     assert [e["step"] for e in callback.events] == [10, 20, 30]
     assert callback.events[-1]["sparsity"] == pytest.approx(0.7, abs=1e-3)
-    gradual = tfw.GradualSchedule(0.0, 0.9, begin_step=0, end_step=20, frequency=10, recompute_steps=3)
-    pruned, callback, _ = fit_pruned(trained_mlp(data), data, gradual, epochs=2, block_size=500)
+    gradual = tfw.GradualSchedule(0.0, 0.9, begin_step=0, end_step=20, frequency=10)
+    pruned, callback, _ = fit_pruned(trained_mlp(data), data, gradual, epochs=2, fisher_block_size=500, steps=3)
     assert kernel_sparsity(sparsity_api.strip_pruning(pruned)) == pytest.approx(0.9, abs=1e-3)
     before = [m.copy() for m in masks(pruned)]
-    assert all(e["seconds"] > 0 for e in callback.events)
+    assert [(e["step"], e["stats"].recomputations) for e in callback.events] == [(10, 3), (20, 3)]
     # Masks are monotone: training on does not revive pruned weights.
     x, y, _, _ = data
-    pruned.fit(x, y, batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep()], verbose=0)
+    pruned.fit(x, y, batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep(data_set(data), LOSS)], verbose=0)
     for old, new in zip(before, masks(pruned)):
         assert np.all(new[old == 0] == 0)
 
@@ -114,10 +119,9 @@ def test_polynomial_decay_and_gradual_schedule_with_recomputation(data):
 def test_fisher_pass_keeps_step_and_batchnorm_and_resets_slots(data):
     x, y, _, _ = data
     model = trained_mlp(data, bn=True)
-    pruned = tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.7, step=5), tf.data.Dataset.from_tensor_slices((x, y)),
-                                  LOSS, num_samples=32)
+    pruned = tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.7, step=5), num_gradients=32)
     pruned.compile(keras.optimizers.Adam(1e-3), LOSS)
-    callback = tfw.UpdatePruningStep()
+    callback = tfw.UpdatePruningStep(tf.data.Dataset.from_tensor_slices((x, y)), LOSS)
     pruned.fit(x[:256], y[:256], batch_size=64, epochs=1, callbacks=[callback], verbose=0)  # steps 1..4
     bn = next(layer for layer in pruned.submodules if isinstance(layer, keras.layers.BatchNormalization))
     moving_mean = bn.moving_mean.numpy().copy()
@@ -127,7 +131,7 @@ def test_fisher_pass_keeps_step_and_batchnorm_and_resets_slots(data):
     assert int(wrapper.pruning_step.numpy()) == step
     np.testing.assert_array_equal(bn.moving_mean.numpy(), moving_mean)
     kernel, mask, _ = wrapper.pruning_vars[0]
-    slots = tfw.keras.callbacks.optimizer_slots(pruned.optimizer, kernel)
+    slots = tfw.compat.optimizer_slots(pruned.optimizer, kernel)
     assert len(slots) == 2  # Adam m and v
     for slot in slots:
         assert np.all(slot.numpy()[mask.numpy() == 0] == 0)
@@ -144,10 +148,10 @@ def test_woodfisher_beats_tfmot_magnitude_in_one_shot_fit(data):
     magnitude = sparsity_api.prune_low_magnitude(copy, schedule)
     magnitude.compile(keras.optimizers.SGD(0.0), LOSS, ["accuracy"])
     magnitude.fit(x[:64], y[:64], batch_size=64, epochs=1, callbacks=[sparsity_api.UpdatePruningStep()], verbose=0)
-    woodfisher = tfw.prune_woodfisher(base, schedule, tf.data.Dataset.from_tensor_slices((x, y)), LOSS,
-                                      num_samples=256, fisher_batch_size=4)
+    woodfisher = tfw.prune_woodfisher(base, schedule, num_gradients=256, fisher_batch_size=4)
     woodfisher.compile(keras.optimizers.SGD(0.0), LOSS, ["accuracy"])
-    woodfisher.fit(x[:64], y[:64], batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep()], verbose=0)
+    woodfisher.fit(x[:64], y[:64], batch_size=64, epochs=1, verbose=0,
+                   callbacks=[tfw.UpdatePruningStep(tf.data.Dataset.from_tensor_slices((x, y)), LOSS)])
     acc_magnitude = magnitude.evaluate(xt, yt, verbose=0)[1]
     acc_woodfisher = woodfisher.evaluate(xt, yt, verbose=0)[1]
     assert kernel_sparsity(sparsity_api.strip_pruning(woodfisher)) == pytest.approx(0.95, abs=1e-3)
@@ -156,9 +160,8 @@ def test_woodfisher_beats_tfmot_magnitude_in_one_shot_fit(data):
 
 def test_tensorboard_summaries_and_pruning_summaries(data, tmp_path):
     x, y, _, _ = data
-    callback = tfw.UpdatePruningStep(log_dir=str(tmp_path / "wf"))
-    pruned = tfw.prune_woodfisher(trained_mlp(data), tfw.OneShotSchedule(0.5, step=2),
-                                  tf.data.Dataset.from_tensor_slices((x, y)), LOSS, num_samples=16)
+    callback = tfw.UpdatePruningStep(tf.data.Dataset.from_tensor_slices((x, y)), LOSS, log_dir=str(tmp_path / "wf"))
+    pruned = tfw.prune_woodfisher(trained_mlp(data), tfw.OneShotSchedule(0.5, step=2), num_gradients=16)
     pruned.compile("adam", LOSS)
     pruned.fit(x[:256], y[:256], batch_size=64, epochs=1, verbose=0,
                callbacks=[callback, sparsity_api.PruningSummaries(log_dir=str(tmp_path / "tfmot"))])
@@ -173,9 +176,9 @@ def test_tensorboard_summaries_and_pruning_summaries(data, tmp_path):
 
 def test_tfmot_callback_alone_is_refused(data, fisher):
     x, y, _, _ = data
-    pruned = tfw.prune_woodfisher(trained_mlp(data), tfw.OneShotSchedule(0.5, step=2), fisher, LOSS)
+    pruned = tfw.prune_woodfisher(trained_mlp(data), tfw.OneShotSchedule(0.5, step=2))
     pruned.compile("adam", LOSS)
-    with pytest.raises(ValueError, match=r"tfw.UpdatePruningStep\(\)"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"tfw.UpdatePruningStep\(\)"):
         pruned.fit(x[:128], y[:128], batch_size=64, callbacks=[sparsity_api.UpdatePruningStep()], verbose=0)
 
 
@@ -184,14 +187,14 @@ def test_save_load_resume_keeps_masks_step_and_schedule(fmt, data, tmp_path):
     x, y, _, _ = data
     fisher = tf.data.Dataset.from_tensor_slices((x, y))
     schedule = sparsity_api.PolynomialDecay(0.3, 0.8, begin_step=0, end_step=40, frequency=8)
-    pruned = tfw.prune_woodfisher(trained_mlp(data), schedule, fisher, LOSS, num_samples=16, block_size=300)
+    pruned = tfw.prune_woodfisher(trained_mlp(data), schedule, num_gradients=16, fisher_block_size=300)
     pruned.compile(keras.optimizers.Adam(1e-3), LOSS)
-    pruned.fit(x, y, batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep()], verbose=0)  # steps 1..16
+    pruned.fit(x, y, batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep(fisher, LOSS)], verbose=0)  # 1..16
     saved_masks, step = masks(pruned), int(pruned.layers[0].pruning_step.numpy())
     assert step == 16 and 0.3 < 1 - np.mean(np.concatenate([m.ravel() for m in saved_masks])) < 0.8
     if fmt == "checkpoint":
         tf.train.Checkpoint(model=pruned).write(str(tmp_path / "ckpt"))
-        restored = tfw.prune_woodfisher(trained_mlp(data), schedule, fisher, LOSS, num_samples=16, block_size=300)
+        restored = tfw.prune_woodfisher(trained_mlp(data), schedule, num_gradients=16, fisher_block_size=300)
         tf.train.Checkpoint(model=restored).read(str(tmp_path / "ckpt")).assert_existing_objects_matched()
         restored.compile(keras.optimizers.Adam(1e-3), LOSS)
     else:
@@ -202,10 +205,12 @@ def test_save_load_resume_keeps_masks_step_and_schedule(fmt, data, tmp_path):
     wrapper = restored.layers[0]
     assert isinstance(wrapper, tfw.PruneWoodFisher) and int(wrapper.pruning_step.numpy()) == 16
     assert wrapper.pruning_schedule.get_config() == schedule.get_config()
-    assert wrapper.woodfisher_config.block_size == 300
+    assert wrapper.woodfisher_config.fisher_block_size == 300 and wrapper.woodfisher_config.num_gradients == 16
     for a, b in zip(saved_masks, masks(restored)):
         np.testing.assert_array_equal(a, b)
-    # Resume: the loaded model has no Fisher dataset attached; the callback supplies it.
+    # Resume: the Fisher data is the callback's; without it the event would say what to pass.
+    with pytest.raises(ValueError, match="needs fisher_dataset="):
+        restored.fit(x[:64], y[:64], batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep()], verbose=0)
     callback = tfw.UpdatePruningStep(fisher_dataset=fisher, loss=LOSS)
     restored.fit(x, y, batch_size=64, epochs=2, callbacks=[callback], verbose=0)  # steps 17..48
     assert [e["step"] for e in callback.events] == [24, 32, 40]
@@ -213,7 +218,7 @@ def test_save_load_resume_keeps_masks_step_and_schedule(fmt, data, tmp_path):
 
 
 def test_savedmodel_is_refused(data, fisher, tmp_path):
-    pruned = tfw.prune_woodfisher(trained_mlp(data), sparsity_api.ConstantSparsity(0.5, 0), fisher, LOSS)
+    pruned = tfw.prune_woodfisher(trained_mlp(data), sparsity_api.ConstantSparsity(0.5, 0))
     with pytest.raises(ValueError, match="SavedModel"):
         tf.saved_model.save(pruned, str(tmp_path / "sm"))
 
@@ -231,9 +236,9 @@ def test_custom_prunable_layer_is_pruned_by_woodfisher(data, fisher):
 
     x, y, _, _ = data
     model = keras.Sequential([keras.Input((784,)), Projection(name="projection")])
-    pruned = tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.9, step=1), fisher, LOSS, num_samples=32)
+    pruned = tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.9, step=1), num_gradients=32)
     pruned.compile("sgd", LOSS)
-    pruned.fit(x[:64], y[:64], batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep()], verbose=0)
+    pruned.fit(x[:64], y[:64], batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep(fisher, LOSS)], verbose=0)
     (mask,) = masks(pruned)
     assert 1 - mask.mean() == pytest.approx(0.9, abs=1e-3)
 
@@ -244,7 +249,7 @@ def test_masks_from_zeros_keeps_zeros_during_fine_tuning(data):
     tfw.one_shot_prune(model, None, None, 0.7, method="magnitude", verbose=0)
     wrapped = tfw.masks_from_zeros(model)
     wrapped.compile(keras.optimizers.Adam(1e-2), LOSS)
-    wrapped.fit(x, y, batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep()], verbose=0)
+    wrapped.fit(x, y, batch_size=64, epochs=1, callbacks=[tfw.UpdatePruningStep()], verbose=0)  # magnitude: no data
     assert kernel_sparsity(sparsity_api.strip_pruning(wrapped)) == pytest.approx(0.7, abs=1e-3)
 
 
@@ -255,20 +260,32 @@ def test_bad_input(data, fisher):
         sparsity_api.ConstantSparsity(1.2, 0)  # tfmot's own check, for its schedules
     with pytest.raises(ValueError, match="target_sparsity"):
         tfw.OneShotSchedule(1.0)
+    def fit_with(callback, schedule=tfw.OneShotSchedule(0.5)):
+        pruned = tfw.prune_woodfisher(model, schedule, num_gradients=8)
+        pruned.compile("adam", LOSS)
+        pruned.fit(x[:64], y[:64], batch_size=64, epochs=1, callbacks=[callback], verbose=0)
+
     with pytest.raises(ValueError, match="empty"):
-        tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.5), fisher.take(0), LOSS)
+        fit_with(tfw.UpdatePruningStep(fisher.take(0), LOSS))
     with pytest.raises(ValueError, match="needs fisher_dataset"):
-        tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.5), None, LOSS)
+        fit_with(tfw.UpdatePruningStep(None, LOSS))
     with pytest.raises(ValueError, match="does not match the model's outputs"):
-        tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.5), fisher, keras.losses.CategoricalCrossentropy())
+        fit_with(tfw.UpdatePruningStep(fisher, keras.losses.CategoricalCrossentropy()))
     with pytest.raises(ValueError, match="PruningSchedule"):
-        tfw.prune_woodfisher(model, 0.5, fisher, LOSS)
-    wrapped = tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.5), fisher, LOSS)
+        tfw.prune_woodfisher(model, 0.5)
+    with pytest.raises(TypeError, match="UpdatePruningStep"):
+        tfw.prune_woodfisher(model, fisher)  # the old positional Fisher data
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_sample'"):
+        tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.5), num_sample=8)
+    with pytest.raises(TypeError, match="fisher_block_size=300"):
+        tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.5), block_size=300)
+    with pytest.raises(ValueError, match="damping must be a finite number > 0"):
+        tfw.UpdatePruningStep(fisher, LOSS, damping=-1.0)
+    wrapped = tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.5))
     with pytest.raises(ValueError, match="already wrapped"):
-        tfw.prune_woodfisher(wrapped, tfw.OneShotSchedule(0.5), fisher, LOSS)
+        tfw.prune_woodfisher(wrapped, tfw.OneShotSchedule(0.5))
     with pytest.raises(ValueError, match="already wrapped"):
-        tfw.prune_woodfisher(sparsity_api.prune_low_magnitude(trained_mlp(data)), tfw.OneShotSchedule(0.5), fisher,
-                             LOSS)
+        tfw.prune_woodfisher(sparsity_api.prune_low_magnitude(trained_mlp(data)), tfw.OneShotSchedule(0.5))
 
     class Subclassed(keras.Model):
         def __init__(self):
@@ -279,7 +296,7 @@ def test_bad_input(data, fisher):
             return self.dense(inputs)
 
     with pytest.raises(ValueError, match="Subclassed models are not supported"):
-        tfw.prune_woodfisher(Subclassed(), tfw.OneShotSchedule(0.5), fisher, LOSS)
+        tfw.prune_woodfisher(Subclassed(), tfw.OneShotSchedule(0.5))
 
     class Overshoot(sparsity_api.PruningSchedule):
         def __call__(self, step):
@@ -288,10 +305,10 @@ def test_bad_input(data, fisher):
         def get_config(self):
             return {}
 
-    bad = tfw.prune_woodfisher(trained_mlp(data), Overshoot(), fisher, LOSS, num_samples=8)
+    bad = tfw.prune_woodfisher(trained_mlp(data), Overshoot(), num_gradients=8)
     bad.compile("adam", LOSS)
     with pytest.raises(ValueError, match=r"the schedule's sparsity at step 2 must be a number in \[0, 1\)"):
-        bad.fit(x[:128], y[:128], batch_size=64, callbacks=[tfw.UpdatePruningStep()], verbose=0)
+        bad.fit(x[:128], y[:128], batch_size=64, callbacks=[tfw.UpdatePruningStep(fisher, LOSS)], verbose=0)
 
 
 def test_gradual_schedule_that_would_miss_its_target_is_refused():

@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 
 import tf_woodfisher as tfw
-from tf_woodfisher._keras import keras, tf
+import tensorflow as tf
+import tf_keras as keras
 from tf_woodfisher.fisher import memory
 from tf_woodfisher.fisher.memory import EventShape, MemoryBudgetError, plan_memory
-from tf_woodfisher.pruning.pruner import Pruner, PruningConfig
+from tf_woodfisher.fisher.blocks import group_sizes
+from tf_woodfisher.pruning.pruner import Pruner, event_shape
+from tf_woodfisher.tfmot.problem import keras_problem
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 MLPNET = (31360, 800, 200)
@@ -35,8 +38,8 @@ def test_estimates_scale_with_m_d_and_dtype():
     shape = EventShape(MLPNET, 100)
     assert shape.gradient_bytes() == 100 * sum(MLPNET) * 4
     assert dataclasses.replace(shape, gradient_dtype="bfloat16").gradient_bytes() == 100 * sum(MLPNET) * 2
-    assert memory.block_groups([10, 7], 4) == {4: 3, 2: 1, 3: 1}  # as BlockPartition groups them
-    assert memory.block_groups([10, 7], "model") == {17: 1}
+    assert group_sizes([10, 7], 4) == {4: 3, 2: 1, 3: 1}  # as BlockPartition groups them
+    assert group_sizes([10, 7], "model") == {17: 1}
     # Low-rank blocks (c ≥ 2m) grow like m·c, explicit ones like c².
     lowrank = memory.group_bytes("lowrank", 1, 64, 10_000, 4)[0]
     assert memory.group_bytes("lowrank", 1, 128, 10_000, 4)[0] == pytest.approx(2 * lowrank, rel=0.05)
@@ -61,36 +64,36 @@ def test_budget_errors_give_numbers_and_options():
     shape = EventShape(MLPNET, 100)
     with pytest.raises(MemoryBudgetError, match=r"max_memory=1 MB is too small.*needs .* MB.*Options: max_memory ≥"):
         plan_memory(shape, "1MB")
-    with pytest.raises(MemoryBudgetError, match=r"cannot be streamed.*block_size=None"):
-        plan_memory(dataclasses.replace(shape, block_size="model"), memory.leanest_bytes(shape))
+    with pytest.raises(MemoryBudgetError, match=r"cannot be streamed.*fisher_block_size=None"):
+        plan_memory(dataclasses.replace(shape, fisher_block_size="model"), memory.leanest_bytes(shape))
     with pytest.raises(ValueError, match="gradient_dtype"):
         EventShape(MLPNET, 100, gradient_dtype="int8")
 
 
 def prune(mlpnet_npz, data, **kwargs):
     model = tfw.models.mlpnet(mlpnet_npz)
-    report = tfw.one_shot_prune(model, data, LOSS, 0.9, num_samples=64, verbose=0, **kwargs)
+    report = tfw.one_shot_prune(model, data, LOSS, 0.9, num_gradients=64, verbose=0, **kwargs)
     return report, [w.variable.numpy() for w in tfw.find_prunable_weights(model)]
 
 
 def pruned_weights(mlpnet_npz, data, config, keep_inverse=None, progress=None):
     """The MLPNet's weights after one Pruner event to 90% (the plan's keep_inverse forced if given)."""
     model = tfw.models.mlpnet(mlpnet_npz)
-    pruner = Pruner(model, tfw.find_prunable_weights(model), data, LOSS, config)
+    pruner = Pruner(keras_problem(model, tfw.find_prunable_weights(model), data, LOSS, config), config)
     if keep_inverse is not None:
         assert pruner.plan.streamed
         pruner.plan = dataclasses.replace(pruner.plan, keep_inverse=keep_inverse)
     pruner.prune_to(0.9, on_progress=progress.append if progress is not None else None)
     if progress is not None:
         assert progress == sorted(progress) and progress[-1] == pruner.work_units()
-    return [w.variable.numpy() for w in pruner.weights]
+    return [w.variable.numpy() for w in pruner.targets]
 
 
 @pytest.mark.parametrize("method,mode", [("woodfisher", "global"), ("woodtaylor", "layerwise")])
 def test_streamed_event_equals_one_pass(mlpnet_npz, fisher_data, method, mode):
-    config = PruningConfig(method, mode, 64, damping=1e-3)
+    config = tfw.WoodFisherConfig(method=method, mode=mode, num_gradients=64, damping=1e-3)
     reference = pruned_weights(mlpnet_npz, fisher_data, config)
-    lean = dataclasses.replace(config, max_memory=memory.leanest_bytes(config.event_shape(MLPNET)))
+    lean = config.replace(max_memory=memory.leanest_bytes(event_shape(config, MLPNET)))
     for keep in (True, False):
         streamed = pruned_weights(mlpnet_npz, fisher_data, lean, keep_inverse=keep, progress=[])
         for got, expected in zip(streamed, reference):
@@ -110,9 +113,9 @@ def test_max_memory_errors_before_any_gradient(mlpnet_npz, fisher_data, capsys):
     model = tfw.models.mlpnet(mlpnet_npz)
     before = [w.numpy() for w in model.weights]
     with pytest.raises(MemoryBudgetError, match=r"too small.*needs.*Options"):
-        tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_samples=64, max_memory="1MB", verbose=0)
+        tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_gradients=64, max_memory="1MB", verbose=0)
     with pytest.raises(MemoryBudgetError, match="cannot be streamed"):
-        tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_samples=64, block_size="model", max_memory="20MB",
+        tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_gradients=64, fisher_block_size="model", max_memory="20MB",
                            verbose=0)
     for bad, message in (("lots", "max_memory"), (-5, "max_memory")):
         with pytest.raises(ValueError, match=message):
@@ -121,6 +124,6 @@ def test_max_memory_errors_before_any_gradient(mlpnet_npz, fisher_data, capsys):
         tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, gradient_dtype="float8", verbose=0)
     for old, new in zip(before, model.weights):
         np.testing.assert_array_equal(old, new.numpy())
-    lean = memory.leanest_bytes(PruningConfig(num_samples=64).event_shape(MLPNET))
-    tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_samples=64, max_memory=lean, verbose=1)
+    lean = memory.leanest_bytes(event_shape(tfw.WoodFisherConfig(num_gradients=64), MLPNET))
+    tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_gradients=64, max_memory=lean, verbose=1)
     assert "memory plan: 2 stages of tensors" in capsys.readouterr().out

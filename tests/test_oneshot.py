@@ -6,7 +6,8 @@ import pytest
 import tensorflow_model_optimization as tfmot
 
 import tf_woodfisher as tfw
-from tf_woodfisher._keras import keras, tf
+import tensorflow as tf
+import tf_keras as keras
 from tf_woodfisher.fisher import BlockPartition, InverseFisher
 from tf_woodfisher.pruning import scores
 
@@ -42,7 +43,7 @@ def test_global_magnitude_matches_numpy_threshold(mlpnet_npz, mnist_flat):
 
 def test_layerwise_mode_prunes_every_layer_to_target(mlpnet_npz, fisher_data):
     model = tfw.models.mlpnet(mlpnet_npz)
-    report = tfw.one_shot_prune(model, fisher_data, LOSS, 0.7, mode="layerwise", num_samples=64, verbose=0)
+    report = tfw.one_shot_prune(model, fisher_data, LOSS, 0.7, mode="layerwise", num_gradients=64, verbose=0)
     for layer in report.layers:
         assert layer.zeros == round(0.7 * layer.size)
 
@@ -51,7 +52,7 @@ def test_woodfisher_beats_magnitude_and_sets_layer_sparsities(mlpnet_npz, fisher
     magnitude = tfw.models.mlpnet(mlpnet_npz)
     tfw.one_shot_prune(magnitude, None, None, 0.9, method="magnitude", verbose=0)
     model = tfw.models.mlpnet(mlpnet_npz)
-    report = tfw.one_shot_prune(model, fisher_data, LOSS, 0.9, num_samples=400, fisher_batch_size=10, steps=4,
+    report = tfw.one_shot_prune(model, fisher_data, LOSS, 0.9, num_gradients=400, fisher_batch_size=10, steps=4,
                                 verbose=0)
     assert report.sparsity == pytest.approx(0.9, abs=1e-4)
     sparsities = [layer.sparsity for layer in report.layers]
@@ -93,7 +94,7 @@ def test_huge_damping_reduces_woodfisher_to_magnitude(mlpnet_npz, fisher_data):
     reference = tfw.models.mlpnet(mlpnet_npz)
     tfw.one_shot_prune(reference, None, None, 0.8, method="magnitude", verbose=0)
     model = tfw.models.mlpnet(mlpnet_npz)
-    tfw.one_shot_prune(model, fisher_data, LOSS, 0.8, num_samples=32, damping=1e8, update=False, verbose=0)
+    tfw.one_shot_prune(model, fisher_data, LOSS, 0.8, num_gradients=32, damping=1e8, update=False, verbose=0)
     for a, b in zip(kernels(reference), kernels(model)):
         np.testing.assert_array_equal(a == 0, b == 0)
 
@@ -101,11 +102,11 @@ def test_huge_damping_reduces_woodfisher_to_magnitude(mlpnet_npz, fisher_data):
 def test_update_false_only_zeroes_and_update_changes_kept_weights(mlpnet_npz, fisher_data):
     original = kernels(tfw.models.mlpnet(mlpnet_npz))
     plain = tfw.models.mlpnet(mlpnet_npz)
-    tfw.one_shot_prune(plain, fisher_data, LOSS, 0.5, num_samples=32, update=False, verbose=0)
+    tfw.one_shot_prune(plain, fisher_data, LOSS, 0.5, num_gradients=32, update=False, verbose=0)
     for old, new in zip(original, kernels(plain)):
         np.testing.assert_array_equal(new[new != 0], old[new != 0])
     updated = tfw.models.mlpnet(mlpnet_npz)
-    tfw.one_shot_prune(updated, fisher_data, LOSS, 0.5, num_samples=32, verbose=0)
+    tfw.one_shot_prune(updated, fisher_data, LOSS, 0.5, num_gradients=32, verbose=0)
     for a, b in zip(kernels(plain), kernels(updated)):
         np.testing.assert_array_equal(a == 0, b == 0)  # same scores, same mask
     assert not np.allclose(kernels(plain)[0], kernels(updated)[0])
@@ -116,7 +117,7 @@ def test_plain_model_keeps_its_zeros_between_steps(mlpnet_npz, fisher_data):
     plain = tfw.models.mlpnet(mlpnet_npz)
     wrapped = tfmot.sparsity.keras.prune_low_magnitude(tfw.models.mlpnet(mlpnet_npz))
     for model in (plain, wrapped):
-        tfw.one_shot_prune(model, fisher_data, LOSS, 0.9, num_samples=64, steps=3, verbose=0)
+        tfw.one_shot_prune(model, fisher_data, LOSS, 0.9, num_gradients=64, steps=3, verbose=0)
     stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
     for a, b in zip(kernels(plain), [w.numpy() for w in stripped.weights]):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -124,27 +125,27 @@ def test_plain_model_keeps_its_zeros_between_steps(mlpnet_npz, fisher_data):
 
 def test_multi_step_is_monotone_and_reaches_target(mlpnet_npz, fisher_data):
     model = tfw.models.mlpnet(mlpnet_npz)
-    tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_samples=32, verbose=0)
+    tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_gradients=32, verbose=0)
     first = [k == 0 for k in kernels(model)]
-    report = tfw.one_shot_prune(model, fisher_data, LOSS, 0.8, num_samples=32, steps=3, block_size=100, verbose=0)
+    report = tfw.one_shot_prune(model, fisher_data, LOSS, 0.8, num_gradients=32, steps=3, fisher_block_size=100, verbose=0)
     assert report.sparsity == pytest.approx(0.8, abs=1e-4)
     for was_zero, now in zip(first, kernels(model)):
         assert np.all(now[was_zero] == 0)
-    assert tfw.one_shot_prune(model, fisher_data, LOSS, 0.8, method="woodtaylor", num_samples=32, damping=0.1,
+    assert tfw.one_shot_prune(model, fisher_data, LOSS, 0.8, method="woodtaylor", num_gradients=32, damping=0.1,
                               verbose=0).sparsity == pytest.approx(0.8, abs=1e-4)
 
 
 def test_diagonal_fisher_and_block_modes_run(mlpnet_npz, fisher_data):
-    for kwargs in (dict(method="diagonal_fisher"), dict(block_size="model"), dict(block_size=1000)):
+    for kwargs in (dict(method="diagonal_fisher"), dict(fisher_block_size="model"), dict(fisher_block_size=1000)):
         model = tfw.models.mlpnet(mlpnet_npz)
-        report = tfw.one_shot_prune(model, fisher_data, LOSS, 0.6, num_samples=16, verbose=0, **kwargs)
+        report = tfw.one_shot_prune(model, fisher_data, LOSS, 0.6, num_gradients=16, verbose=0, **kwargs)
         assert report.sparsity == pytest.approx(0.6, abs=1e-4)
 
 
 def test_tfmot_wrapped_model_gets_masks(mlpnet_npz, fisher_data):
     base = tfw.models.mlpnet(mlpnet_npz)
     wrapped = tfmot.sparsity.keras.prune_low_magnitude(base)
-    tfw.one_shot_prune(wrapped, fisher_data, LOSS, 0.75, num_samples=32, verbose=0)
+    tfw.one_shot_prune(wrapped, fisher_data, LOSS, 0.75, num_gradients=32, verbose=0)
     for layer in wrapped.layers:
         for weight, mask, _ in layer.pruning_vars:
             np.testing.assert_array_equal(mask.numpy(), (weight.numpy() != 0).astype("float32"))
@@ -155,10 +156,10 @@ def test_tfmot_wrapped_model_gets_masks(mlpnet_npz, fisher_data):
 
 
 def test_progress_and_table_are_printed_and_silenced(mlpnet_npz, fisher_data, capsys):
-    tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), fisher_data, LOSS, 0.5, num_samples=16, verbose=1)
+    tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), fisher_data, LOSS, 0.5, num_gradients=16, verbose=1)
     out = capsys.readouterr().out
     assert "fc3/kernel" in out and "woodfisher (global, 1 step)" in out
-    tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), fisher_data, LOSS, 0.5, num_samples=16, verbose=0)
+    tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), fisher_data, LOSS, 0.5, num_gradients=16, verbose=0)
     assert capsys.readouterr().out == ""
 
 
@@ -172,8 +173,8 @@ def test_bad_arguments(mlpnet_npz, fisher_data):
     model = tfw.models.mlpnet(mlpnet_npz)
     for kwargs, message in [(dict(damping=0.0), "damping"), (dict(damping=-1e-3), "damping"),
                             (dict(method="obs"), "method"), (dict(mode="joint"), "mode"),
-                            (dict(steps=0), "steps"), (dict(num_samples=0), "num_samples"),
-                            (dict(block_size=0), "block_size")]:
+                            (dict(steps=0), "steps"), (dict(num_gradients=0), "num_gradients"),
+                            (dict(fisher_block_size=0), "fisher_block_size")]:
         with pytest.raises(ValueError, match=message):
             tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, verbose=0, **kwargs)
     with pytest.raises(ValueError, match="needs a Fisher dataset"):
@@ -181,12 +182,12 @@ def test_bad_arguments(mlpnet_npz, fisher_data):
     with pytest.raises(ValueError, match="empty"):
         tfw.one_shot_prune(model, fisher_data.take(0), LOSS, 0.5, verbose=0)
     with pytest.raises(ValueError, match="too small"):
-        tfw.one_shot_prune(model, fisher_data.take(10), LOSS, 0.5, num_samples=20, verbose=0)
+        tfw.one_shot_prune(model, fisher_data.take(10), LOSS, 0.5, num_gradients=20, verbose=0)
     with pytest.warns(RuntimeWarning, match="rank one"):
-        tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), fisher_data, LOSS, 0.1, num_samples=1, verbose=0)
+        tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), fisher_data, LOSS, 0.1, num_gradients=1, verbose=0)
     with pytest.warns(RuntimeWarning, match="larger than every prunable tensor"):
-        tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), fisher_data, LOSS, 0.1, num_samples=4,
-                           block_size=10 ** 6, verbose=0)
+        tfw.one_shot_prune(tfw.models.mlpnet(mlpnet_npz), fisher_data, LOSS, 0.1, num_gradients=4,
+                           fisher_block_size=10 ** 6, verbose=0)
 
 
 def test_nan_weights_give_clear_error(mlpnet_npz, fisher_data):
@@ -194,7 +195,7 @@ def test_nan_weights_give_clear_error(mlpnet_npz, fisher_data):
     kernel = model.layers[1].kernel
     kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0]], [np.nan]))
     with pytest.raises(ValueError, match="NaN"):
-        tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_samples=8, verbose=0)
+        tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_gradients=8, verbose=0)
 
 
 def test_models_that_cannot_be_pruned():
@@ -228,7 +229,7 @@ def test_models_that_cannot_be_pruned():
     wrapped(np.zeros((1, 4), "float32"))
     data = tf.data.Dataset.from_tensor_slices((np.ones((8, 4), "float32"), np.zeros(8, "int64")))
     with pytest.raises(ValueError, match="not a Sequential or functional model"):
-        tfw.one_shot_prune(wrapped, data, LOSS, 0.5, num_samples=4, verbose=0)
+        tfw.one_shot_prune(wrapped, data, LOSS, 0.5, num_gradients=4, verbose=0)
 
 
 def test_subclassed_model_prunes_when_built(rng):
@@ -246,12 +247,12 @@ def test_subclassed_model_prunes_when_built(rng):
     data = tf.data.Dataset.from_tensor_slices((rng.normal(size=(64, 5)).astype("float32"), rng.integers(0, 3, 64)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = tfw.one_shot_prune(net, data.batch(16), LOSS, 0.5, num_samples=32, verbose=0)
+        report = tfw.one_shot_prune(net, data.batch(16), LOSS, 0.5, num_gradients=32, verbose=0)
     assert report.sparsity == pytest.approx(0.5, abs=1e-2)
 
 
 def test_step_sparsities_are_geometric_in_density():
-    from tf_woodfisher.pruning.oneshot import step_sparsities
+    from tf_woodfisher.pruning import step_sparsities
 
     steps = step_sparsities(0.0, 0.99, 2)
     assert steps == pytest.approx([0.9, 0.99])  # density 1 → 0.1 → 0.01

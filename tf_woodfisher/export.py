@@ -13,11 +13,15 @@ import os
 import tempfile
 import warnings
 
+from tf_woodfisher import legacy_keras  # noqa: F401, I001  (first: TF_USE_LEGACY_KERAS=1 before TensorFlow)
 import numpy as np
 import tensorflow_model_optimization as tfmot
-from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude
+import tensorflow as tf
+import tf_keras as keras
 
-from tf_woodfisher._keras import keras, tf
+from tf_woodfisher import compat
+
+PruneLowMagnitude = compat.tfmot_pruning_classes()[0]
 
 try:
     from ai_edge_litert.interpreter import Interpreter, OpResolverType

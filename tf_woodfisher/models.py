@@ -1,7 +1,8 @@
 """Reference models of the WoodFisher experiments, built with tf_keras."""
 import numpy as np
 
-from tf_woodfisher._keras import keras
+from tf_woodfisher import legacy_keras  # noqa: F401, I001  (first: TF_USE_LEGACY_KERAS=1 before TensorFlow)
+import tf_keras as keras
 
 MLPNET_KEYS = ("fc1_kernel", "fc2_kernel", "fc3_kernel")
 
@@ -71,3 +72,176 @@ def resnet20(num_classes=10, input_shape=(32, 32, 3)):
             h = _resnet_basic_block(h, filters, stride, f"stage{stage + 1}_block{block + 1}")
     h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
     return keras.Model(inputs, keras.layers.Dense(num_classes, name="fc")(h), name="resnet20")
+
+
+# ------------------------------------------------------------------------- the authors' CIFAR-10 ResNet-20
+
+#: Names of the 18 3×3 convolutions of the residual stages (``layer{S}_{B}_conv{K}``, stage S = 1 … 3,
+#: block B = 0 … 2, K = 1, 2), the layers the WoodFisher paper prunes in ResNet-20. Excluded: the stem
+#: ``conv1``, the shortcut projections ``layer{2,3}_0_shortcut_conv`` and the head ``fc``.
+RESNET20_STAGE_CONV_NAMES = tuple(f"layer{s}_{b}_conv{k}" for s in (1, 2, 3) for b in range(3) for k in (1, 2))
+_BN_EPSILON, _BN_MOMENTUM = 1e-5, 0.9  # PyTorch eps 1e-5, momentum 0.1
+
+
+def _conv3x3_bn(x, filters, stride, conv_name, bn_name, pad_name):
+    """ZeroPadding2D(1) → Conv 3×3 'valid' (PyTorch's symmetric padding, also at stride 2) → BN."""
+    h = keras.layers.ZeroPadding2D(1, name=pad_name)(x)
+    h = keras.layers.Conv2D(filters, 3, stride, padding="valid", use_bias=False, name=conv_name)(h)
+    return keras.layers.BatchNormalization(epsilon=_BN_EPSILON, momentum=_BN_MOMENTUM, name=bn_name)(h)
+
+
+def _cifar_basic_block(x, filters, stride, name):
+    h = _conv3x3_bn(x, filters, stride, f"{name}_conv1", f"{name}_bn1", f"{name}_pad1")
+    h = keras.layers.ReLU(name=f"{name}_relu1")(h)
+    h = _conv3x3_bn(h, filters, 1, f"{name}_conv2", f"{name}_bn2", f"{name}_pad2")
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:  # option B: 1×1 conv, stride 2, no padding → BN
+        shortcut = keras.layers.Conv2D(filters, 1, stride, use_bias=False, name=f"{name}_shortcut_conv")(x)
+        shortcut = keras.layers.BatchNormalization(epsilon=_BN_EPSILON, momentum=_BN_MOMENTUM,
+                                                   name=f"{name}_shortcut_bn")(shortcut)
+    h = keras.layers.Add(name=f"{name}_add")([h, shortcut])
+    return keras.layers.ReLU(name=f"{name}_relu2")(h)
+
+
+def resnet20_cifar(weights=None, num_classes=10, input_shape=(32, 32, 3)):
+    """The WoodFisher authors' CIFAR-10 ResNet-20 (``resnet20_cifar``, option-B shortcuts); outputs logits.
+
+    Stem conv 3×3 (16) → BN → ReLU; three stages of three basic blocks with 16/32/64 filters (stride 2
+    in the first block of stages 2 and 3, whose shortcut is Conv 1×1 stride 2 → BN); global average
+    pooling → Dense. Every 3×3 convolution is ``ZeroPadding2D(1)`` + ``padding='valid'`` so that the
+    stride-2 ones pad symmetrically as PyTorch does (Keras 'same' pads only bottom/right). BN has
+    epsilon 1e-5 and momentum 0.9. No bias except in the Dense head.
+
+    Layer names follow the checkpoint's keys (see ``shared/models/README.md``): ``conv1``, ``bn1``,
+    ``layer{S}_{B}_conv{1,2}``, ``layer{S}_{B}_bn{1,2}``, ``layer{2,3}_0_shortcut_conv``,
+    ``layer{2,3}_0_shortcut_bn``, ``fc``; the npz key of a weight is ``{layer name}_{weight}``
+    (``layer1_0_conv1_kernel``, ``bn1_moving_mean``, ``fc_bias``, …: 107 keys). The 18 stage
+    convolutions the paper prunes are :data:`RESNET20_STAGE_CONV_NAMES` (see
+    :func:`resnet20_stage_convolutions`).
+
+    Args:
+        weights: path of the reference ``.npz`` (e.g. ``resnet20_cifar10_reference.npz``, or one written
+            by :func:`save_npz_weights`), or None for an untrained model (Keras' default initialisers).
+        num_classes: outputs of the Dense head.
+        input_shape: (height, width, channels); the reference weights expect (32, 32, 3) images
+            normalised as (x/255 − 0.5)/0.5 (``tfw.data.load_cifar10``).
+
+    Returns:
+        A built ``tf_keras.Model`` named 'resnet20_cifar': (n, *input_shape) float32 → (n, num_classes) logits.
+
+    Raises:
+        ValueError: ``weights`` lacks a key, has an extra key, or has an array whose shape differs from
+            the model's (the message names the key).
+    """
+    inputs = keras.Input(input_shape, name="input")
+    h = _conv3x3_bn(inputs, 16, 1, "conv1", "bn1", "conv1_pad")
+    h = keras.layers.ReLU(name="relu1")(h)
+    for stage, filters in enumerate((16, 32, 64), start=1):
+        for block in range(3):
+            stride = 2 if stage > 1 and block == 0 else 1
+            h = _cifar_basic_block(h, filters, stride, f"layer{stage}_{block}")
+    h = keras.layers.GlobalAveragePooling2D(name="avgpool")(h)
+    outputs = keras.layers.Dense(num_classes, name="fc")(h)
+    model = keras.Model(inputs, outputs, name="resnet20_cifar")
+    if weights is not None:
+        load_npz_weights(model, weights)
+    return model
+
+
+def _weight_suffix(variable):
+    return variable.name.split("/")[-1].split(":")[0]
+
+
+def named_weights(model):
+    """The model's variables keyed as in the reference npz files: ``{layer name}_{weight name}``.
+
+    Args:
+        model: a built, unwrapped tf_keras model (nested models are flattened; their layer names are used).
+
+    Returns:
+        dict key → ``tf.Variable`` (e.g. ``'layer1_0_conv1_kernel'``, ``'bn1_moving_variance'``), in layer order.
+
+    Raises:
+        ValueError: two variables would get the same key.
+    """
+    keyed = {}
+
+    def visit(layer):
+        if isinstance(layer, keras.Model):
+            for inner in layer.layers:
+                visit(inner)
+            return
+        for variable in layer.weights:
+            key = f"{layer.name}_{_weight_suffix(variable)}"
+            if key in keyed:
+                raise ValueError(f"two variables of model {model.name!r} map to the key {key!r}")
+            keyed[key] = variable
+
+    for layer in model.layers:
+        visit(layer)
+    return keyed
+
+
+def load_npz_weights(model, weights):
+    """Assign every variable of ``model`` from an npz keyed as :func:`named_weights` (strict).
+
+    Args:
+        model: a built, unwrapped tf_keras model.
+        weights: path of an ``.npz`` file, or a mapping key → array.
+
+    Raises:
+        ValueError: a key of the model is missing from ``weights``, ``weights`` has a key the model
+            lacks, or an array's shape differs from its variable's; each message names the key. Nothing
+            is assigned then.
+    """
+    targets = named_weights(model)
+    if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__"):
+        with np.load(weights, allow_pickle=False) as arrays:
+            values = {k: arrays[k] for k in arrays.files}
+        source = str(weights)
+    else:
+        values, source = {k: np.asarray(v) for k, v in dict(weights).items()}, "the weights"
+    missing = [k for k in targets if k not in values]
+    extra = [k for k in values if k not in targets]
+    if missing:
+        raise ValueError(f"{source} lacks the key(s) {missing} of model {model.name!r}")
+    if extra:
+        raise ValueError(f"{source} has key(s) {extra} that model {model.name!r} does not have")
+    for key, variable in targets.items():
+        if tuple(values[key].shape) != tuple(variable.shape):
+            raise ValueError(f"{source}: key {key!r} has shape {tuple(values[key].shape)} but model "
+                             f"{model.name!r} expects {tuple(variable.shape)}")
+    for key, variable in targets.items():
+        variable.assign(values[key].astype(variable.dtype.as_numpy_dtype))
+
+
+def save_npz_weights(model, path):
+    """Write every variable of ``model`` to ``path`` (an ``.npz``) keyed as :func:`named_weights`."""
+    np.savez(path, **{k: v.numpy() for k, v in named_weights(model).items()})
+
+
+def resnet20_stage_convolutions(model):
+    """The 18 stage 3×3 ``Conv2D`` layers of a :func:`resnet20_cifar` model, in :data:`RESNET20_STAGE_CONV_NAMES` order.
+
+    Works on the plain model, on one nested in another model and on one whose layers tfmot wrapped
+    (``prune_low_magnitude(...)``); it returns the ``Conv2D`` layers themselves (inside the wrappers).
+    To wrap only these layers with tfmot, clone with
+    ``clone_function=lambda l: prune_low_magnitude(l) if l.name in RESNET20_STAGE_CONV_NAMES else l``.
+
+    Args:
+        model: a tf_keras model containing the layers ``layer{S}_{B}_conv{K}``.
+
+    Returns:
+        list of 18 ``tf_keras.layers.Conv2D``.
+
+    Raises:
+        ValueError: some of the 18 names are not Conv2D layers of ``model`` (the message lists them).
+    """
+    found = {}
+    for module in model.submodules:
+        if isinstance(module, keras.layers.Conv2D) and module.name in RESNET20_STAGE_CONV_NAMES:
+            found.setdefault(module.name, module)
+    missing = [n for n in RESNET20_STAGE_CONV_NAMES if n not in found]
+    if missing:
+        raise ValueError(f"model {model.name!r} has no Conv2D layer(s) {missing}; build it with resnet20_cifar()")
+    return [found[n] for n in RESNET20_STAGE_CONV_NAMES]

@@ -10,11 +10,9 @@ it agree on every replica and worker.
 Per-sample gradients are split by sample and the inverse-Fisher blocks by block.
 """
 import hashlib
-import weakref
 
 import numpy as np
-
-from tf_woodfisher._keras import tf
+import tensorflow as tf
 
 
 class LocalExecutor:
@@ -23,6 +21,10 @@ class LocalExecutor:
     num_replicas = 1
     gathered_bytes = 0
     reduced_bytes = 0
+
+    def take_traffic(self):
+        """(gathered, reduced) bytes since the last call: always (0, 0) on one replica."""
+        return 0, 0
 
     def shard(self, structure):
         return structure
@@ -56,12 +58,18 @@ class ReplicaExecutor:
         self.gathered_bytes = 0
         self.reduced_bytes = 0
 
+    def take_traffic(self):
+        """(gathered, reduced) bytes exchanged since the last call (or since creation), then reset to 0."""
+        traffic = self.gathered_bytes, self.reduced_bytes
+        self.gathered_bytes = self.reduced_bytes = 0
+        return traffic
+
     def shard(self, structure):
         """A nest of tensors with equal leading size n → a nest of PerReplica shards of ceil(n/R) rows."""
         leaves = tf.nest.flatten(structure)
-        rows = int(leaves[0].shape[0])
-        per_replica = -(-rows // self.num_replicas)
-        padded = [_pad_rows(t, per_replica * self.num_replicas) for t in leaves]
+        total = padded_rows(int(leaves[0].shape[0]), self.num_replicas)
+        per_replica = total // self.num_replicas
+        padded = [_pad_rows(t, total) for t in leaves]
 
         def replica_value(context):
             start = context.replica_id_in_sync_group * per_replica
@@ -109,6 +117,11 @@ class ReplicaExecutor:
                              "deterministic Fisher dataset (seed its shuffling, do not shard it by worker)")
 
 
+def padded_rows(count, num_replicas):
+    """Rows after zero-padding ``count`` rows to split evenly over ``num_replicas``: ceil(count / R) · R."""
+    return -(-count // num_replicas) * num_replicas
+
+
 def _pad_rows(tensor, rows):
     missing = rows - int(tensor.shape[0])
     if missing == 0:
@@ -117,17 +130,13 @@ def _pad_rows(tensor, rows):
     return tf.pad(tensor, padding)
 
 
-_EXECUTORS = weakref.WeakKeyDictionary()
+def executor_for(strategy=None):
+    """A new executor for ``strategy`` (None: the current ``tf.distribute`` strategy, usually the default).
 
-
-def executor_for(strategy):
-    """The executor of ``strategy`` (None: the current ``tf.distribute`` strategy, usually the default).
-
-    One executor per strategy object, so that its ``gathered_bytes`` counts every gather made with it.
+    Whoever creates an executor owns its byte counters (:meth:`ReplicaExecutor.take_traffic`):
+    a pruning event passes its executor to every stage so that its report counts all its traffic.
     """
     strategy = strategy or tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync == 1:
         return LocalExecutor()
-    if strategy not in _EXECUTORS:
-        _EXECUTORS[strategy] = ReplicaExecutor(strategy)
-    return _EXECUTORS[strategy]
+    return ReplicaExecutor(strategy)

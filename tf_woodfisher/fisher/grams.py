@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from tf_woodfisher._keras import tf
+import tensorflow as tf
 
 
 @dataclasses.dataclass(frozen=True)

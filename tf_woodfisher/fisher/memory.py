@@ -8,7 +8,8 @@ flat (d,) vectors (weights, masks, scores, block indices). TensorFlow's runtime,
 counted. When the one-pass plan does not fit, consecutive prunable tensors are grouped into stages
 whose gradients are computed one stage at a time (and, when the stages' inverses cannot all be
 kept, recomputed for the weight update). Blocks never cross tensors, so a staged event prunes
-exactly as the one-pass event does. Nothing here knows about Keras or TensorFlow.
+exactly as the one-pass event does. Nothing here knows about Keras or TensorFlow; block grouping and
+the choice of form come from :mod:`blocks`, as in the engine.
 """
 import dataclasses
 import os
@@ -16,12 +17,14 @@ import re
 
 import numpy as np
 
+from tf_woodfisher.fisher.blocks import choose_form, group_sizes
+
 CHUNK_BYTES = 256 * 2 ** 20  # target bytes of one chunk's per-sample gradient rows
 MAX_CHUNK_ROWS = 256
 CHUNK_COPIES = 3  # float32 copies of a chunk alive at once: the rows, the masked rows, the stored rows
 MEMORY_FRACTION = 0.5  # default max_memory: this fraction of the memory available when planning
 VECTOR_BYTES_PER_WEIGHT = 64  # ≈ 10 float32 and 2 int64 (d,) vectors alive during an event
-GRADIENT_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+GRADIENT_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}  # bytes per entry of each storage dtype
 COMPUTE_DTYPES = {"float32": 4, "float64": 8}
 _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -76,27 +79,6 @@ def collection_bytes(dim, num_gradients, itemsize):
     return 4 * CHUNK_COPIES * default_chunk(dim, num_gradients) * dim + num_gradients * dim * itemsize
 
 
-def block_groups(segment_sizes, block_size):
-    """{block size c: number of blocks K} of a partition (as :class:`BlockPartition` groups them)."""
-    if block_size == "model":
-        return {int(sum(segment_sizes)): 1}
-    groups = {}
-    for size in segment_sizes:
-        size = int(size)
-        step = size if block_size is None else min(int(block_size), size)
-        groups[step] = groups.get(step, 0) + size // step
-        if size % step:
-            groups[size % step] = groups.get(size % step, 0) + 1
-    return groups
-
-
-def choose_form(m, c):
-    """The form the inverse uses for blocks of c entries: 'lowrank' for c ≥ 2m, else 'explicit'."""
-    from tf_woodfisher.fisher.woodbury import choose_form as woodbury_choose_form  # the single rule
-
-    return woodbury_choose_form(m, c)
-
-
 def group_bytes(form, num_blocks, m, c, itemsize, copied=True):
     """(workspace, kept, viewed) bytes of factorising K = num_blocks blocks of c entries from m gradients.
 
@@ -120,7 +102,7 @@ def inverse_bytes(segment_sizes, block_size, m, itemsize, views=True):
     group, largest blocks first (as InverseFisher does). views: blocks that are whole tensors are views
     of their gradients (given per tensor, in the inverse's dtype), one group each, never copies."""
     peak = kept = viewed = 0
-    groups = block_groups(segment_sizes, block_size)
+    groups = group_sizes(segment_sizes, block_size)
     for c in sorted(groups, reverse=True):
         whole = views and groups[c] == sum(size == c for size in segment_sizes)  # every block of size c
         for count in [1] * groups[c] if whole else [groups[c]]:
@@ -137,9 +119,9 @@ class EventShape:
 
     segment_sizes: tuple  # entries of each prunable tensor, in order
     num_gradients: int  # m
-    block_size: object = None  # None, an int or 'model'
+    fisher_block_size: object = None  # None, an int or 'model'
     gradient_dtype: str = "float32"  # storage of the gradients
-    dtype: str = "float32"  # of the inverse
+    inverse_dtype: str = "float32"  # of the inverse
     needs_inverse: bool = True  # WoodFisher / WoodTaylor
     needs_update: bool = True  # the OBS update reads the inverse again after the scores
     needs_moments: bool = False  # the mean (WoodTaylor) or mean square (diagonal Fisher) of the gradients
@@ -147,8 +129,8 @@ class EventShape:
     def __post_init__(self):
         if self.gradient_dtype not in GRADIENT_DTYPES:
             raise ValueError(f"gradient_dtype must be one of {tuple(GRADIENT_DTYPES)}, got {self.gradient_dtype!r}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.inverse_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"inverse_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.inverse_dtype!r}")
 
     @property
     def dim(self):
@@ -172,8 +154,8 @@ class EventShape:
         moments = 2 * m * dim * 4 if self.needs_moments else 0  # the float32 matrix and its squares or mean
         if not self.needs_inverse:
             return max(collect, stored + moments), 0
-        peak, kept, viewed = inverse_bytes(sizes, self.block_size, m, COMPUTE_DTYPES[self.dtype],
-                                           views=self.gradient_dtype == self.dtype)
+        peak, kept, viewed = inverse_bytes(sizes, self.fisher_block_size, m, COMPUTE_DTYPES[self.inverse_dtype],
+                                           views=self.gradient_dtype == self.inverse_dtype)
         return max(collect, stored + max(peak, kept + moments)), kept + viewed
 
 
@@ -231,8 +213,8 @@ def _greedy_stages(shape, budget, keep):
 
 
 def leanest_bytes(shape):
-    """The smallest peak of any plan: one tensor per stage (the whole model for block_size='model')."""
-    if shape.block_size == "model":
+    """The smallest peak of any plan: one tensor per stage (the whole model for fisher_block_size='model')."""
+    if shape.fisher_block_size == "model":
         return shape.vector_bytes + shape.stage_bytes(0, len(shape.segment_sizes))[0]
     return shape.vector_bytes + max(shape.stage_bytes(i, i + 1)[0] for i in range(len(shape.segment_sizes)))
 
@@ -249,7 +231,7 @@ def plan_memory(shape, max_memory=None):
     one_pass = shape.vector_bytes + shape.stage_bytes(0, count)[0]
     if one_pass <= budget:
         return MemoryPlan(((0, count),), True, one_pass, budget, shape)
-    if shape.block_size != "model":
+    if shape.fisher_block_size != "model":
         for keep in (True, False) if shape.needs_inverse and shape.needs_update else (False,):
             staged = _greedy_stages(shape, budget, keep)
             if staged is not None:
@@ -259,15 +241,15 @@ def plan_memory(shape, max_memory=None):
 
 def _budget_message(shape, budget, one_pass):
     needed = leanest_bytes(shape)
-    what = ("block_size='model' is one block over all tensors and cannot be streamed: it needs "
-            f"{format_bytes(one_pass)}" if shape.block_size == "model" else
+    what = ("fisher_block_size='model' is one block over all tensors and cannot be streamed: it needs "
+            f"{format_bytes(one_pass)}" if shape.fisher_block_size == "model" else
             f"the leanest plan (one tensor at a time, largest {max(shape.segment_sizes):,} entries) needs "
             f"{format_bytes(needed)}")
     options = [f"max_memory ≥ {format_bytes(needed)}"]
     alternatives = {"gradient_dtype='bfloat16'": dict(gradient_dtype="bfloat16"),
-                    "dtype='float32'": dict(dtype="float32"),
-                    "block_size=None (one block per tensor, streamable)": dict(block_size=None),
-                    f"num_samples={max(1, shape.num_gradients // 2)}": dict(num_gradients=max(1, shape.num_gradients // 2))}
+                    "inverse_dtype='float32'": dict(inverse_dtype="float32"),
+                    "fisher_block_size=None (one block per tensor, streamable)": dict(fisher_block_size=None),
+                    f"num_gradients={max(1, shape.num_gradients // 2)}": dict(num_gradients=max(1, shape.num_gradients // 2))}
     for label, change in alternatives.items():
         other_needs = leanest_bytes(dataclasses.replace(shape, **change))
         if other_needs < needed:

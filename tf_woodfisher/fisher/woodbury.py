@@ -18,28 +18,13 @@ import warnings
 
 import numpy as np
 
-from tf_woodfisher._keras import tf
-from tf_woodfisher.fisher.blocks import BlockGroup, BlockPartition
+import tensorflow as tf
+from tf_woodfisher.fisher.blocks import BlockGroup, BlockPartition, choose_form, explicit_flops, lowrank_flops
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.grams import BlockGrams
 
 MAX_DAMPING_RETRIES = 3
 DAMPING_RETRY_FACTOR = 100.0
-
-
-def lowrank_flops(m, c):
-    """Flops per block of the low-rank form: GGᵀ, Cholesky of K, L⁻¹G."""
-    return 2 * m * m * c + m ** 3 / 3 + m * m * c
-
-
-def explicit_flops(m, c):
-    """Flops per block of the explicit form: GᵀG, Cholesky of F, L⁻¹ by a triangular solve."""
-    return 2 * c * c * m + c ** 3 / 3 + c ** 3
-
-
-def choose_form(m, c):
-    """'lowrank' for c ≥ 2m (fewer flops and no cancellation), else 'explicit'."""
-    return "lowrank" if c >= 2 * m and lowrank_flops(m, c) < explicit_flops(m, c) else "explicit"
 
 
 @tf.function(reduce_retracing=True)
@@ -118,7 +103,7 @@ class InverseFisher:
 
     @classmethod
     def from_gradients(cls, gradients, partition, damping, dtype=tf.float32, form="auto", on_group=None,
-                       strategy=None):
+                       executor=None):
         """Factorise every block of F = λI + (1/m) GᵀG.
 
         gradients: (m, d) tensor, one gradient per row, or a list of (m, d_j) tensors holding consecutive
@@ -128,8 +113,9 @@ class InverseFisher:
         partition: a :class:`BlockPartition` of d.
         damping: λ > 0. dtype: float32 (default) or float64. form: 'auto', 'lowrank' or 'explicit'.
         on_group: optional callable invoked after each group (progress reporting).
-        strategy: a ``tf.distribute`` strategy (default: the current one); with several replicas each
-        factorises its share of every group's blocks and diagonals and products are all-gathered.
+        executor: a :mod:`distributed` executor (default: that of the current ``tf.distribute`` strategy);
+        with several replicas each factorises its share of every group's blocks and diagonals and
+        products are all-gathered.
         """
         dtype = tf.as_dtype(dtype)
         if dtype not in (tf.float32, tf.float64):
@@ -144,7 +130,7 @@ class InverseFisher:
             raise ValueError(f"gradients have {d} columns but the partition covers {partition.dim}")
         if m < 1:
             raise ValueError("need at least one gradient")
-        executor = executor_for(strategy)
+        executor = executor or executor_for(None)
         if executor.num_replicas == 1:
             partition = _one_group_per_piece(partition, offsets)
         solved = []
@@ -302,8 +288,8 @@ def _solve_group(blocks, form, damping, dtype, executor, num_gradients=None):
         damping *= DAMPING_RETRY_FACTOR
     raise CholeskyError(
         f"Cholesky factorisation of a {form} Fisher block group {tuple(blocks.shape)} failed even at damping "
-        f"{damping:g}: the gradients are ill-conditioned; use dtype=float64 or a larger damping"
+        f"{damping:g}: the gradients are ill-conditioned; use inverse_dtype='float64' or a larger damping"
     )
 
 
-__all__ = ["InverseFisher", "BlockPartition", "CholeskyError", "choose_form"]
+__all__ = ["InverseFisher", "BlockPartition", "CholeskyError", "choose_form", "explicit_flops", "lowrank_flops"]

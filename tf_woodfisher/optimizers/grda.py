@@ -3,7 +3,9 @@ import math
 import numbers
 import re
 
-from tf_woodfisher._keras import keras, tf
+from tf_woodfisher import legacy_keras  # noqa: F401, I001  (first: TF_USE_LEGACY_KERAS=1 before TensorFlow)
+import tensorflow as tf
+import tf_keras as keras
 
 __all__ = ["GRDA"]
 

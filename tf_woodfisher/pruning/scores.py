@@ -12,20 +12,9 @@ increase of the loss caused by removing a weight, in loss units:
 import dataclasses
 
 import numpy as np
+import tensorflow as tf
 
-from tf_woodfisher._keras import tf
-
-METHODS = ("magnitude", "diagonal_fisher", "woodfisher", "woodtaylor")
-MODES = ("global", "layerwise")
-
-
-def needs_gradients(method):
-    return method != "magnitude"
-
-
-def needs_inverse(method):
-    return method in ("woodfisher", "woodtaylor")
-
+from tf_woodfisher.config import INVERSE_METHODS, METHODS, MODES
 
 @dataclasses.dataclass(frozen=True)
 class FisherStatistics:
@@ -63,7 +52,7 @@ def importance_scores(method, weights, stats):
         return 0.5 * tf.square(weights)
     if method == "diagonal_fisher":
         return 0.5 * tf.square(weights) * tf.cast(stats.fisher_diagonal, weights.dtype)
-    if method in ("woodfisher", "woodtaylor"):
+    if method in INVERSE_METHODS:
         shifted = weights - _newton_offset(method, stats, weights.dtype)
         return tf.square(shifted) / (2.0 * tf.cast(stats.inverse.diagonal(), weights.dtype))
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -76,7 +65,7 @@ def updated_weights(method, weights, pruned, stats):
     The result is not masked: the caller multiplies by the new mask.
     """
     weights = tf.convert_to_tensor(weights)
-    if not needs_inverse(method):
+    if method not in INVERSE_METHODS:
         return weights
     offset = _newton_offset(method, stats, weights.dtype)
     inverse_diagonal = tf.cast(stats.inverse.diagonal(), weights.dtype)

@@ -1,0 +1,233 @@
+"""``WoodFisherConfig``: every knob of a pruning event, in one frozen object validated once.
+
+Every entry point (``one_shot_prune``, ``prune_woodfisher``, ``UpdatePruningStep`` and the Keras 3
+equivalents) takes ``config=`` and keyword overrides of its fields, resolved by :func:`resolve_config`.
+This module imports neither TensorFlow nor Keras.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import warnings
+from typing import Any, Mapping
+
+METHODS = ("magnitude", "diagonal_fisher", "woodfisher", "woodtaylor")
+MODES = ("global", "layerwise")
+INVERSE_METHODS = ("woodfisher", "woodtaylor")  # those that factorise the inverse Fisher
+GRADIENT_DTYPES = ("float32", "float16", "bfloat16")
+INVERSE_DTYPES = ("float32", "float64")
+POOLING_TYPES = ("AVG", "MAX")
+DEFAULT_SHUFFLE_BUFFER = 10_000
+
+# Old keyword names: accepted where their meaning is unambiguous, refused (with the new name) where not.
+ALIASES = {"num_samples": "num_gradients"}
+RENAMED = {
+    "dtype": "inverse_dtype='float32' or 'float64' (the dtype of the inverse Fisher)",
+    "recompute_steps": "steps=k (Fisher recomputations per pruning event)",
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def validate_sparsity(value: Any, what: str = "target_sparsity") -> float:
+    """``value`` as a float in [0, 1) (numpy scalars accepted).
+
+    Raises:
+        ValueError: naming ``what`` when ``value`` is not a number in [0, 1).
+    """
+    if not (_is_number(value) and 0.0 <= float(value) < 1.0):
+        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WoodFisherConfig:
+    """How a pruning event computes scores, masks and weight updates. Keyword-only, frozen, validated once.
+
+    Args:
+        method: ``'magnitude'`` (F = I), ``'diagonal_fisher'`` (score ½w²F_qq), ``'woodfisher'`` (OBS
+            score w²/(2[F⁻¹]_qq) and update δw = −F⁻¹u) or ``'woodtaylor'`` (adds the gradient term).
+        mode: ``'global'`` (one threshold over all pruned weights) or ``'layerwise'`` (each tensor at the target).
+        num_gradients: number m of gradients in the empirical Fisher F = λI + (1/m)Σgᵢgᵢᵀ
+            (old name ``num_samples``, still accepted as a keyword).
+        fisher_batch_size: samples averaged into each gradient (the paper's fisher mini-batch); the event
+            reads num_gradients × fisher_batch_size samples.
+        fisher_block_size: the Fisher's diagonal blocks: ``None`` (one block per weight tensor), an int c
+            (chunks of c weights, never crossing tensors) or ``'model'`` (one block).
+        damping: λ > 0, the dampening added to the Fisher's diagonal.
+        steps: Fisher recomputations per pruning event: the event reaches its sparsity in ``steps`` steps,
+            each removing the same fraction of the remaining weights after recomputing the gradients.
+        update: apply the OBS weight update (else only zero the pruned weights).
+        inverse_dtype: ``'float32'`` or ``'float64'``, the dtype the inverse is factorised in.
+        gradient_dtype: ``'float32'``, ``'bfloat16'`` or ``'float16'``: storage of the m × d gradients.
+        max_memory: bytes (int) or a string such as ``'4GB'`` the event's large buffers may take;
+            ``None``: half of the memory available when the event is planned.
+        shuffle_buffer: samples in the shuffle buffer of the Fisher data (0: read in order).
+        seed: base seed of the Fisher samples; each event and step mixes its indices into it.
+        block_size: tfmot's sparsity block shape (r, c): weights are pruned in r × c blocks of a 2-D
+            kernel view. Only ``(1, 1)`` (unstructured) is implemented.
+        block_pooling_type: tfmot's pooling of a block's magnitudes, ``'AVG'`` or ``'MAX'``.
+        sparsity_m_by_n: tfmot's N:M pattern (n, m): n of every m consecutive weights kept;
+            ``None``: unstructured. Not implemented yet.
+
+    Raises:
+        ValueError: a field of the wrong type or out of range; the message names the field.
+    """
+
+    method: str = "woodfisher"
+    mode: str = "global"
+    num_gradients: int = 1000
+    fisher_batch_size: int = 1
+    fisher_block_size: int | str | None = None
+    damping: float = 1e-5
+    steps: int = 1
+    update: bool = True
+    inverse_dtype: str = "float32"
+    gradient_dtype: str = "float32"
+    max_memory: int | float | str | None = None
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    seed: int = 0
+    block_size: tuple[int, int] = (1, 1)
+    block_pooling_type: str = "AVG"
+    sparsity_m_by_n: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        _choice("method", self.method, METHODS)
+        _choice("mode", self.mode, MODES)
+        for name in ("num_gradients", "fisher_batch_size", "steps"):
+            set_(name, _positive_int(name, getattr(self, name)))
+        for name in ("shuffle_buffer", "seed"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise _error(name, value, "an int ≥ 0")
+            set_(name, int(value))
+        if self.fisher_block_size is not None and self.fisher_block_size != "model":
+            set_("fisher_block_size", _positive_int("fisher_block_size", self.fisher_block_size,
+                                                    "None, 'model' or an int ≥ 1"))
+        if not (_is_number(self.damping) and math.isfinite(self.damping) and self.damping > 0):
+            raise _error("damping", self.damping, "a finite number > 0")
+        set_("damping", float(self.damping))
+        if not isinstance(self.update, bool):
+            raise _error("update", self.update, "True or False")
+        _choice("inverse_dtype", self.inverse_dtype, INVERSE_DTYPES)
+        _choice("gradient_dtype", self.gradient_dtype, GRADIENT_DTYPES)
+        if self.max_memory is not None:
+            from tf_woodfisher.fisher.memory import parse_bytes  # the one parser of byte sizes
+
+            parse_bytes(self.max_memory)
+        set_("block_size", _int_pair("block_size", self.block_size))
+        _choice("block_pooling_type", self.block_pooling_type, POOLING_TYPES)
+        if self.sparsity_m_by_n is not None:
+            n, m = _int_pair("sparsity_m_by_n", self.sparsity_m_by_n)
+            if n >= m:
+                raise _error("sparsity_m_by_n", self.sparsity_m_by_n, "(n, m) with 0 < n < m")
+            set_("sparsity_m_by_n", (n, m))
+        if self.needs_inverse and self.num_gradients == 1:
+            warnings.warn("num_gradients=1: the Fisher has rank one, so WoodFisher scores are barely better than "
+                          "magnitude; use tens to thousands of gradients", RuntimeWarning, stacklevel=4)
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether the method reads Fisher gradients (all but magnitude)."""
+        return self.method != "magnitude"
+
+    @property
+    def needs_inverse(self) -> bool:
+        """Whether the method factorises the inverse Fisher (WoodFisher, WoodTaylor)."""
+        return self.method in INVERSE_METHODS
+
+    @property
+    def structured(self) -> bool:
+        """Whether masks follow a block or N:M structure instead of single weights."""
+        return self.block_size != (1, 1) or self.sparsity_m_by_n is not None
+
+    def replace(self, **overrides: Any) -> WoodFisherConfig:
+        """A copy with ``overrides`` applied (old keyword names resolved as in :func:`resolve_config`)."""
+        return resolve_config(self, overrides)
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-serialisable dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> WoodFisherConfig:
+        """The inverse of :meth:`to_dict` (unknown keys raise TypeError naming them)."""
+        values = dict(values)
+        for name in ("block_size", "sparsity_m_by_n"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        return resolve_config(None, values)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(WoodFisherConfig))
+
+
+def resolve_config(config: WoodFisherConfig | None, overrides: Mapping[str, Any],
+                   where: str = "WoodFisherConfig") -> WoodFisherConfig:
+    """``config`` (default: all defaults) with keyword ``overrides`` applied, validated once.
+
+    Args:
+        config: a :class:`WoodFisherConfig` or None.
+        overrides: field values by name; ``num_samples`` is an alias of ``num_gradients``.
+        where: the entry point's name, for error messages.
+
+    Returns:
+        The resolved :class:`WoodFisherConfig`.
+
+    Raises:
+        TypeError: ``config`` is not a WoodFisherConfig, or an override is not a field (an old name
+            whose meaning changed is named with its replacement).
+        ValueError: a value out of range (from :class:`WoodFisherConfig`).
+    """
+    if config is not None and not isinstance(config, WoodFisherConfig):
+        raise TypeError(f"{where}: config must be a tfw.WoodFisherConfig or None, got {config!r} "
+                        "(pass settings such as method='woodfisher' as keywords)")
+    values = {}
+    for name, value in overrides.items():
+        target = ALIASES.get(name, name)
+        if name in RENAMED:
+            raise TypeError(f"{where}: the keyword {name!r} is no longer accepted; use {RENAMED[name]}")
+        if target not in FIELDS:
+            hint = " (the Fisher chunk is fisher_block_size)" if name == "block" else ""
+            raise TypeError(f"{where} got an unexpected keyword argument {name!r}{hint}")
+        if target in values:
+            raise TypeError(f"{where}: {name!r} and {target!r} are the same setting; give one")
+        values[target] = value
+    if "block_size" in values and _is_int(values["block_size"]):
+        raise TypeError(f"{where}: block_size is tfmot's (r, c) sparsity block shape; the Fisher chunk of "
+                        f"{values['block_size']} weights is fisher_block_size={values['block_size']}")
+    if "block_size" in values and values["block_size"] == "model":
+        raise TypeError(f"{where}: block_size is tfmot's (r, c) sparsity block shape; one Fisher block for the "
+                        "model is fisher_block_size='model'")
+    if not values and config is not None:
+        return config
+    return dataclasses.replace(config, **values) if config is not None else WoodFisherConfig(**values)
+
+
+def _error(name: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _positive_int(name: str, value: Any, expected: str = "an int ≥ 1") -> int:
+    if not _is_int(value) or value < 1:
+        raise _error(name, value, expected)
+    return int(value)
+
+
+def _int_pair(name: str, value: Any) -> tuple[int, int]:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) and v >= 1 for v in value)):
+        raise _error(name, value, "a pair of ints ≥ 1")
+    return int(value[0]), int(value[1])

@@ -1,0 +1,1031 @@
+"""Per-group Fisher gradients from one batched forward and one batched backward ("layer rules").
+
+For a layer whose weights enter the loss only through a linear map ``z = A(x; W)`` (Dense, convolutions,
+Embedding, ...), the gradient of a group's mean loss is a contraction of the layer's input ``x`` with
+``dL/dz``, summed over the group's samples. So instead of differentiating every group separately (what
+``tf.vectorized_map`` does in :func:`tf_woodfisher.fisher.gradients.make_gradient_fn`), one forward and one
+backward pass over all g·b samples record, per rule layer and per call, ``x`` and ``dL/dz`` with
+
+    L = Σ_groups mean_{samples of the group} loss
+
+(in inference mode samples do not interact, so ``dL/dz`` of each sample is that sample's own gradient,
+already divided by b), and the g per-group weight gradients are formed by contractions that sum over the b
+samples of a group inside the matmul/einsum: per-sample gradients are never materialised when b > 1.
+
+Capture: while the gradient function traces (and only then), each rule layer's ``call`` is replaced on the
+instance by a function that computes the linear output explicitly with TensorFlow ops, watches it on the
+tape, and then adds the bias and activation as the layer does; every patched attribute is restored when the
+trace ends, even on error. Layers are recognised by duck typing (class names along ``type(layer).__mro__``
+and the attributes tf_keras and Keras 3 share), so this module imports neither tf_keras, Keras nor tfmot.
+
+Everything a rule cannot prove it handles exactly goes to the fallback (a per-group vectorised gradient,
+by default :func:`tf_woodfisher.fisher.gradients.make_gradient_fn`) in the same compiled call: layers without
+a rule (RNNs, custom layers), subclasses that override ``call``, channels_first, dynamic spatial shapes,
+ragged/sparse inputs, calls inside control flow (``tf.while_loop``/``tf.cond`` bodies, nested
+``tf.function``\\ s), variables read anywhere else than in the rule's own computation (tied weights), and —
+for the whole model — anything that couples the samples of a batch: a batch normalisation running on batch
+statistics (called with ``training=True`` baked into a functional model), or a loss that does not return
+per-sample values.
+"""
+import itertools
+import math
+import re
+import string
+
+import tensorflow as tf
+
+__all__ = ["make_rule_gradient_fn", "rule_coverage", "RULE_CLASSES"]
+
+_IM2COL_DEPTH = 128  # a convolution with prod(kernel) × in-channels ≤ this contracts one patch matrix, else per offset
+
+
+class _Unsupported(Exception):
+    """Raised by a rule's forward when this call cannot use the rule (the layer then falls back)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _tf_variable(v):
+    """The tf.Variable under a tf_keras AutoCastVariable or a Keras 3 Variable (or ``v`` itself)."""
+    for _ in range(4):
+        inner = getattr(v, "_variable", None)  # tf_keras AutoCastVariable
+        if inner is None and not isinstance(v, tf.Variable):
+            inner = getattr(v, "value", None)  # Keras 3 Variable → its tf.Variable
+            if inner is not None and not isinstance(inner, tf.Variable):
+                inner = None
+        if inner is None or inner is v:
+            return v
+        v = inner
+    return v
+
+
+def _key(v):
+    v = _tf_variable(v)
+    try:
+        return v.ref()
+    except AttributeError:
+        return id(v)
+
+
+def _static(shape):
+    """Python ints of a static shape, or None if any dimension is unknown."""
+    dims = shape.as_list() if isinstance(shape, tf.TensorShape) else list(shape)
+    return None if any(d is None for d in dims) else [int(d) for d in dims]
+
+
+def _as_tuple(value, rank):
+    value = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+    return tuple(int(v) for v in value)
+
+
+def _f32(t):
+    return t if t.dtype == tf.float32 else tf.cast(t, tf.float32)
+
+
+def _compute_cast(layer, x):
+    dtype = getattr(layer, "compute_dtype", None)
+    if dtype is not None and x.dtype.is_floating and x.dtype != tf.as_dtype(dtype):
+        x = tf.cast(x, dtype)
+    return x
+
+
+def _same_padding(size, out, kernel, stride, dilation):
+    """(before, after) padding of one axis for TensorFlow's 'SAME'."""
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _windows(x, kernel_size, strides, dilations, out_sizes):
+    """For each kernel offset (row-major), the strided window x[:, o·d : o·d + (out-1)·s + 1 : s, ..., :]
+    of an explicitly padded channels_last x: shape (n, *out_sizes, channels)."""
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        index = [slice(None)]
+        index += [slice(o * d, o * d + (m - 1) * s + 1, s)
+                  for o, d, m, s in zip(offset, dilations, out_sizes, strides)]
+        yield x[tuple(index) + (slice(None),)]
+
+
+def _apply_activation(layer, outputs):
+    activation = getattr(layer, "activation", None)
+    return outputs if activation is None else activation(outputs)
+
+
+def _conv_config(layer):
+    rank = len(layer.kernel_size)
+    return dict(rank=rank, kernel_size=_as_tuple(layer.kernel_size, rank),
+                strides=_as_tuple(layer.strides, rank), dilations=_as_tuple(layer.dilation_rate, rank),
+                padding=str(layer.padding).lower())
+
+
+def _explicit_pads(spatial, out_sizes, cfg):
+    """Per spatial axis (before, after) padding that turns the layer's padding into 'valid'."""
+    if cfg["padding"] == "same":
+        return [_same_padding(s, o, k, st, d) for s, o, k, st, d in
+                zip(spatial, out_sizes, cfg["kernel_size"], cfg["strides"], cfg["dilations"])]
+    if cfg["padding"] == "causal":
+        return [((cfg["kernel_size"][0] - 1) * cfg["dilations"][0], 0)]
+    return [(0, 0)] * len(spatial)
+
+
+def _pad(x, pads):
+    if not any(p for pair in pads for p in pair):
+        return x
+    return tf.pad(x, [[0, 0]] + [list(p) for p in pads] + [[0, 0]])
+
+
+def _valid_out(size, kernel, stride, dilation):
+    return (size - (kernel - 1) * dilation - 1) // stride + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Contractions: per-group weight gradients from inputs and output gradients, summed over a group's samples
+
+
+def _group_matmul(a, b, groups):
+    """(n, ..., i), (n, ..., o) → (g, i, o): Σ over each group's samples and positions of a ⊗ b."""
+    a = tf.reshape(_f32(a), [groups, -1, a.shape[-1]])
+    b = tf.reshape(_f32(b), [groups, -1, b.shape[-1]])
+    return tf.einsum("gpi,gpo->gio", a, b)  # on CPU faster than matmul(transpose_a=True)
+
+
+def _channel_sum(dz, groups):
+    """(n, ..., o) → (g, o): the gradient of a per-channel bias."""
+    return tf.reduce_sum(tf.reshape(_f32(dz), [groups, -1, dz.shape[-1]]), axis=1)
+
+
+def _conv_kernel_gradient(x_padded, dz, cfg, conv_groups, groups):
+    """Per-group kernel gradient (g, *kernel_size, C/G, O) of z = conv(x) from the padded input and dz."""
+    out_sizes = dz.shape[1:-1].as_list()
+    channels, filters = x_padded.shape[-1], dz.shape[-1]
+    count = math.prod(cfg["kernel_size"])
+    windows = _windows(x_padded, cfg["kernel_size"], cfg["strides"], cfg["dilations"], out_sizes)
+    if conv_groups == 1 and count * channels <= _IM2COL_DEPTH:
+        result = _group_matmul(tf.concat(list(windows), axis=-1), dz, groups)  # (g, K·C, O)
+    elif conv_groups == 1:
+        d = tf.reshape(_f32(dz), [groups, -1, filters])
+        result = tf.stack([tf.einsum("gpc,gpo->gco", tf.reshape(_f32(w), [groups, -1, channels]), d)
+                           for w in windows], axis=1)  # (g, K, C, O)
+    else:
+        per_in, per_out = channels // conv_groups, filters // conv_groups
+        d = tf.reshape(_f32(dz), [groups, -1, conv_groups, per_out])
+        result = tf.stack([tf.einsum("gphc,gpho->gcho",
+                                     tf.reshape(_f32(w), [groups, -1, conv_groups, per_in]), d)
+                           for w in windows], axis=1)  # (g, K, C/G, G, O/G)
+    return result
+
+
+def _depthwise_kernel_gradient(x_padded, dz, cfg, multiplier, groups):
+    """Per-group depthwise kernel gradient (g, K, C, M) from the padded input (n, ..., C) and dz (n, ..., C·M)."""
+    out_sizes = dz.shape[1:-1].as_list()
+    channels = x_padded.shape[-1]
+    d = tf.reshape(_f32(dz), [groups, -1, channels, multiplier])
+    return tf.stack([tf.einsum("gpc,gpcm->gcm", tf.reshape(_f32(w), [groups, -1, channels]), d)
+                     for w in _windows(x_padded, cfg["kernel_size"], cfg["strides"], cfg["dilations"], out_sizes)],
+                    axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rules. forward(layer, inputs, trace) → (outputs, record); gradients(layer, record, grads, groups) → {attr: (g, …)}
+
+
+class _Record:
+    """One call of a rule layer: the tensors to differentiate and what the contraction needs."""
+
+    def __init__(self, watched, **saved):
+        self.watched = list(watched)
+        self.saved = saved
+        self.reads = {}  # attribute → the ReadVariableOp(s) of this call
+
+
+class _Rule:
+    name = None
+    classes = ()  # class names (along the MRO) this rule handles
+    call_owners = ()  # names of the classes whose ``call`` the rule reproduces
+    attributes = ()  # the weight attributes whose gradients it forms
+
+    def static_reason(self, layer):
+        """None if the layer's configuration is handled, else why not."""
+        if str(getattr(layer, "data_format", "channels_last")) != "channels_last":
+            return f"data_format={layer.data_format!r} (only channels_last has a rule)"
+        return None
+
+
+def _bias_of(layer):
+    bias = getattr(layer, "bias", None)
+    return bias if getattr(layer, "use_bias", True) and bias is not None else None
+
+
+class _Dense(_Rule):
+    name = "dense"
+    classes = ("Dense",)
+    call_owners = ("Dense",)
+    attributes = ("kernel", "bias")
+
+    def static_reason(self, layer):
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            return "LoRA or quantized Dense"
+        return super().static_reason(layer)
+
+    def forward(self, layer, inputs, trace):
+        x = _compute_cast(layer, inputs)
+        rank = x.shape.rank
+        if rank is None or rank < 2 or x.shape[-1] is None:
+            raise _Unsupported("Dense input of unknown rank or last dimension")
+        kernel = trace.read(layer, "kernel")
+        if rank == 2:
+            z = tf.matmul(x, kernel)
+        else:
+            z = tf.tensordot(x, kernel, [[rank - 1], [0]])
+            z.set_shape(x.shape[:-1].concatenate(kernel.shape[-1:]))
+        trace.watch(z)
+        outputs = z
+        if _bias_of(layer) is not None:
+            outputs = tf.nn.bias_add(outputs, trace.read(layer, "bias"))
+        return _apply_activation(layer, outputs), _Record([z], x=x)
+
+    def gradients(self, layer, record, grads, groups):
+        (dz,) = grads
+        result = {"kernel": _group_matmul(record.saved["x"], dz, groups)}
+        if _bias_of(layer) is not None:
+            result["bias"] = _channel_sum(dz, groups)
+        return result
+
+
+class _EinsumDense(_Rule):
+    name = "einsum_dense"
+    classes = ("EinsumDense",)
+    call_owners = ("EinsumDense",)
+    attributes = ("kernel", "bias")
+
+    def static_reason(self, layer):
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            return "LoRA or quantized EinsumDense"
+        if self._parse(layer) is None:
+            return f"equation {layer.equation!r} (only a leading batch letter or a leading '...' has a rule)"
+        return None
+
+    @staticmethod
+    def _parse(layer):
+        match = re.fullmatch(r"(\.\.\.)?([a-zA-Z]+),([a-zA-Z]+)->(\.\.\.)?([a-zA-Z]+)",
+                             str(layer.equation).replace(" ", ""))
+        if match is None:
+            return None
+        left, inputs, kernel, right, outputs = match.groups()
+        if bool(left) != bool(right):
+            return None
+        if not left and (inputs[0] != outputs[0] or inputs[0] in kernel):
+            return None
+        return bool(left), inputs, kernel, outputs
+
+    def forward(self, layer, inputs, trace):
+        x = _compute_cast(layer, inputs)
+        elided, spec_in, _, spec_out = self._parse(layer)
+        if x.shape.rank is None or _static(x.shape[1:]) is None:
+            raise _Unsupported("EinsumDense input with dynamic dimensions")
+        if x.shape.rank < len(spec_in) + (1 if elided else 0):
+            raise _Unsupported("EinsumDense input rank does not fit the equation")
+        z = tf.einsum(layer.equation, x, trace.read(layer, "kernel"))
+        trace.watch(z)
+        outputs = z
+        if getattr(layer, "bias", None) is not None:
+            outputs = outputs + trace.read(layer, "bias")
+        return _apply_activation(layer, outputs), _Record([z], x=x)
+
+    def gradients(self, layer, record, grads, groups):
+        (dz,) = grads
+        x = _f32(record.saved["x"])
+        dz32 = _f32(dz)
+        elided, spec_in, spec_kernel, spec_out = self._parse(layer)
+        free = [c for c in string.ascii_letters if c not in spec_in + spec_kernel + spec_out]
+        group, extra = free[0], free[1]
+        if elided:  # the samples and the elided dimensions are all summed: merge them
+            x = tf.reshape(x, [groups, -1] + x.shape[-len(spec_in):].as_list())
+            dz32 = tf.reshape(dz32, [groups, -1] + dz32.shape[-len(spec_out):].as_list())
+            equation = f"{group}{extra}{spec_in},{group}{extra}{spec_out}->{group}{spec_kernel}"
+        else:
+            x = tf.reshape(x, [groups, -1] + x.shape[1:].as_list())
+            dz32 = tf.reshape(dz32, [groups, -1] + dz32.shape[1:].as_list())
+            equation = f"{group}{spec_in},{group}{spec_out}->{group}{spec_kernel}"
+        result = {"kernel": tf.einsum(equation, x, dz32)}
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            dzs = tf.reshape(_f32(dz), [groups, -1] + dz.shape[1:].as_list())
+            rank, bias_shape = dzs.shape.rank, bias.shape.as_list()
+            offset = rank - len(bias_shape)
+            axes = [1] + [a for a in range(2, rank) if a < offset or bias_shape[a - offset] == 1]
+            result["bias"] = tf.reduce_sum(dzs, axis=axes)
+        return result
+
+
+class _Conv(_Rule):
+    name = "conv"
+    classes = ("Conv1D", "Conv2D", "Conv3D", "Convolution1D", "Convolution2D", "Convolution3D")
+    call_owners = ("Conv", "BaseConv", "Conv1D", "Conv2D", "Conv3D")
+    attributes = ("kernel", "bias")
+
+    def static_reason(self, layer):
+        reason = super().static_reason(layer)
+        if reason is None and str(layer.padding).lower() not in ("valid", "same", "causal"):
+            reason = f"padding={layer.padding!r}"
+        if reason is None and (getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None)):
+            reason = "LoRA or quantized convolution"
+        return reason
+
+    def forward(self, layer, inputs, trace):
+        cfg = _conv_config(layer)
+        x = _compute_cast(layer, inputs)
+        if x.shape.rank != cfg["rank"] + 2 or _static(x.shape[1:]) is None:
+            raise _Unsupported("convolution input with extra batch dimensions or dynamic spatial shape")
+        if cfg["padding"] == "causal" and cfg["rank"] != 1:
+            raise _Unsupported("causal padding of a convolution of rank > 1")
+        if any(s > 1 for s in cfg["strides"]) and any(d > 1 for d in cfg["dilations"]):
+            raise _Unsupported("strides and dilation both > 1")
+        spatial = x.shape[1:-1].as_list()
+        if cfg["padding"] == "same":
+            out_sizes = [-(-s // st) for s, st in zip(spatial, cfg["strides"])]
+        else:
+            padded = [s + sum(p) for s, p in zip(spatial, _explicit_pads(spatial, None, cfg))] \
+                if cfg["padding"] == "causal" else spatial
+            out_sizes = [_valid_out(s, k, st, d) for s, k, st, d in
+                         zip(padded, cfg["kernel_size"], cfg["strides"], cfg["dilations"])]
+        pads = _explicit_pads(spatial, out_sizes, cfg)
+        kernel = trace.read(layer, "kernel")
+        if cfg["padding"] == "causal":
+            z = tf.nn.convolution(_pad(x, pads), kernel, strides=cfg["strides"], padding="VALID",
+                                  dilations=cfg["dilations"])
+        else:
+            z = tf.nn.convolution(x, kernel, strides=cfg["strides"], padding=cfg["padding"].upper(),
+                                  dilations=cfg["dilations"])
+        trace.watch(z)
+        outputs = z
+        if _bias_of(layer) is not None:
+            outputs = tf.nn.bias_add(outputs, trace.read(layer, "bias"))
+        return _apply_activation(layer, outputs), _Record([z], x=x, pads=pads, cfg=cfg)
+
+    def gradients(self, layer, record, grads, groups):
+        (dz,) = grads
+        s = record.saved
+        x = _pad(s["x"], s["pads"])
+        result = {"kernel": _conv_kernel_gradient(x, dz, s["cfg"], int(getattr(layer, "groups", 1) or 1), groups)}
+        if _bias_of(layer) is not None:
+            result["bias"] = _channel_sum(dz, groups)
+        return result
+
+
+class _ConvTranspose(_Rule):
+    name = "conv_transpose"
+    classes = ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
+               "Convolution1DTranspose", "Convolution2DTranspose", "Convolution3DTranspose")
+    call_owners = classes + ("BaseConvTranspose",)
+    attributes = ("kernel", "bias")
+
+    def static_reason(self, layer):
+        reason = super().static_reason(layer)
+        if reason is None and str(layer.padding).lower() not in ("valid", "same"):
+            reason = f"padding={layer.padding!r}"
+        if reason is None and any(d != 1 for d in _as_tuple(layer.dilation_rate, len(layer.kernel_size))):
+            reason = "dilated transposed convolution"
+        if reason is None and int(getattr(layer, "groups", 1) or 1) != 1:
+            reason = "grouped transposed convolution"
+        return reason
+
+    def forward(self, layer, inputs, trace):
+        cfg = _conv_config(layer)
+        x = _compute_cast(layer, inputs)
+        if x.shape.rank != cfg["rank"] + 2 or _static(x.shape[1:]) is None:
+            raise _Unsupported("transposed convolution input with dynamic spatial shape")
+        out_shape = tf.TensorShape(layer.compute_output_shape(x.shape))
+        out_spatial = _static(out_shape[1:-1])
+        if out_spatial is None:
+            raise _Unsupported("transposed convolution with a dynamic output shape")
+        spatial = x.shape[1:-1].as_list()
+        # The forward convolution z-shape → x-shape whose input gradient this layer computes must map
+        # out_spatial back onto spatial exactly, else TensorFlow pads differently from the windows below.
+        if cfg["padding"] == "same":
+            fits = [-(-o // st) for o, st in zip(out_spatial, cfg["strides"])] == spatial
+        else:
+            fits = [_valid_out(o, k, st, 1) for o, k, st in
+                    zip(out_spatial, cfg["kernel_size"], cfg["strides"])] == spatial
+        if not fits:
+            raise _Unsupported("transposed convolution output shape outside TensorFlow's convolution geometry")
+        kernel = trace.read(layer, "kernel")
+        batch = tf.shape(x)[0]
+        z = tf.nn.conv_transpose(x, kernel, tf.stack([batch, *out_spatial, int(out_shape[-1])]),
+                                 strides=cfg["strides"], padding=cfg["padding"].upper())
+        z.set_shape([x.shape[0], *out_spatial, int(out_shape[-1])])
+        trace.watch(z)
+        outputs = z
+        if _bias_of(layer) is not None:
+            outputs = tf.nn.bias_add(outputs, trace.read(layer, "bias"))
+        pads = _explicit_pads(out_spatial, spatial, dict(cfg, dilations=(1,) * cfg["rank"]))
+        return _apply_activation(layer, outputs), _Record([z], x=x, pads=pads, cfg=cfg)
+
+    def gradients(self, layer, record, grads, groups):
+        (dz,) = grads
+        s = record.saved
+        # dK[k, o, c] = Σ_p dz_padded[p·s + k, o] · x[p, c]: the forward convolution's geometry on dz.
+        result = {"kernel": _conv_kernel_gradient(_pad(dz, s["pads"]), s["x"], s["cfg"], 1, groups)}
+        if _bias_of(layer) is not None:
+            result["bias"] = _channel_sum(dz, groups)
+        return result
+
+
+def _depthwise_forward(x, depthwise_kernel, cfg):
+    """Depthwise convolution of channels_last x (rank 1 or 2) with TF's own op; returns (u, pads)."""
+    spatial = x.shape[1:-1].as_list()
+    if cfg["padding"] == "same":
+        out_sizes = [-(-s // st) for s, st in zip(spatial, cfg["strides"])]
+    else:
+        out_sizes = [_valid_out(s, k, st, d) for s, k, st, d in
+                     zip(spatial, cfg["kernel_size"], cfg["strides"], cfg["dilations"])]
+    pads = _explicit_pads(spatial, out_sizes, cfg)
+    if cfg["rank"] == 1:
+        u = tf.nn.depthwise_conv2d(tf.expand_dims(x, 1), tf.expand_dims(depthwise_kernel, 0),
+                                   strides=(1,) + cfg["strides"] * 2 + (1,), padding=cfg["padding"].upper(),
+                                   dilations=(1,) + cfg["dilations"])
+        u = tf.squeeze(u, [1])
+    else:
+        u = tf.nn.depthwise_conv2d(x, depthwise_kernel, strides=(1,) + cfg["strides"] + (1,),
+                                   padding=cfg["padding"].upper(), dilations=cfg["dilations"])
+    return u, pads
+
+
+def _depthwise_checks(layer, x, cfg):
+    if x.shape.rank != cfg["rank"] + 2 or _static(x.shape[1:]) is None:
+        raise _Unsupported("depthwise convolution input with dynamic spatial shape")
+    if cfg["rank"] not in (1, 2):
+        raise _Unsupported("depthwise convolution of rank > 2")
+    if any(s > 1 for s in cfg["strides"]) and any(d > 1 for d in cfg["dilations"]):
+        raise _Unsupported("strides and dilation both > 1")
+    if cfg["rank"] == 2 and cfg["strides"][0] != cfg["strides"][1]:
+        raise _Unsupported("unequal depthwise strides")
+
+
+class _DepthwiseConv(_Rule):
+    name = "depthwise_conv"
+    classes = ("DepthwiseConv1D", "DepthwiseConv2D")
+    call_owners = classes + ("DepthwiseConv", "BaseDepthwiseConv")
+    attributes = ("depthwise_kernel", "bias")
+
+    def static_reason(self, layer):
+        reason = super().static_reason(layer)
+        if reason is None and str(layer.padding).lower() not in ("valid", "same"):
+            reason = f"padding={layer.padding!r}"
+        return reason
+
+    def forward(self, layer, inputs, trace):
+        cfg = _conv_config(layer)
+        x = _compute_cast(layer, inputs)
+        _depthwise_checks(layer, x, cfg)
+        z, pads = _depthwise_forward(x, trace.read(layer, "depthwise_kernel"), cfg)
+        trace.watch(z)
+        outputs = z
+        if _bias_of(layer) is not None:
+            outputs = tf.nn.bias_add(outputs, trace.read(layer, "bias"))
+        return _apply_activation(layer, outputs), _Record([z], x=x, pads=pads, cfg=cfg)
+
+    def gradients(self, layer, record, grads, groups):
+        (dz,) = grads
+        s = record.saved
+        multiplier = int(layer.depthwise_kernel.shape[-1])
+        result = {"depthwise_kernel": _depthwise_kernel_gradient(_pad(s["x"], s["pads"]), dz, s["cfg"], multiplier,
+                                                                 groups)}
+        if _bias_of(layer) is not None:
+            result["bias"] = _channel_sum(dz, groups)
+        return result
+
+
+class _SeparableConv(_Rule):
+    name = "separable_conv"
+    classes = ("SeparableConv1D", "SeparableConv2D", "SeparableConvolution1D", "SeparableConvolution2D")
+    call_owners = classes + ("SeparableConv", "BaseSeparableConv")
+    attributes = ("depthwise_kernel", "pointwise_kernel", "bias")
+
+    def static_reason(self, layer):
+        reason = super().static_reason(layer)
+        if reason is None and str(layer.padding).lower() not in ("valid", "same", "causal"):
+            reason = f"padding={layer.padding!r}"
+        return reason
+
+    def forward(self, layer, inputs, trace):
+        cfg = _conv_config(layer)
+        x = _compute_cast(layer, inputs)
+        if cfg["padding"] == "causal":
+            if cfg["rank"] != 1:
+                raise _Unsupported("causal padding of rank > 1")
+            x = _pad(x, _explicit_pads(None, None, cfg))
+            cfg = dict(cfg, padding="valid")
+        _depthwise_checks(layer, x, cfg)
+        u, pads = _depthwise_forward(x, trace.read(layer, "depthwise_kernel"), cfg)
+        trace.watch(u)
+        pointwise = trace.read(layer, "pointwise_kernel")
+        z = tf.tensordot(u, tf.reshape(pointwise, pointwise.shape[-2:]), [[u.shape.rank - 1], [0]])
+        z.set_shape(u.shape[:-1].concatenate(pointwise.shape[-1:]))
+        trace.watch(z)
+        outputs = z
+        if _bias_of(layer) is not None:
+            outputs = tf.nn.bias_add(outputs, trace.read(layer, "bias"))
+        return _apply_activation(layer, outputs), _Record([u, z], x=x, u=u, pads=pads, cfg=cfg)
+
+    def gradients(self, layer, record, grads, groups):
+        du, dz = grads
+        s = record.saved
+        multiplier = int(layer.depthwise_kernel.shape[-1])
+        result = {"depthwise_kernel": _depthwise_kernel_gradient(_pad(s["x"], s["pads"]), du, s["cfg"], multiplier,
+                                                                 groups),
+                  "pointwise_kernel": _group_matmul(s["u"], dz, groups)}
+        if _bias_of(layer) is not None:
+            result["bias"] = _channel_sum(dz, groups)
+        return result
+
+
+class _Embedding(_Rule):
+    name = "embedding"
+    classes = ("Embedding",)
+    call_owners = ("Embedding",)
+    attributes = ("embeddings",)
+
+    def static_reason(self, layer):
+        if getattr(layer, "sparse", False):
+            return "sparse Embedding"
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            return "LoRA or quantized Embedding"
+        return None
+
+    def forward(self, layer, inputs, trace):
+        ids = inputs
+        if ids.dtype not in (tf.int32, tf.int64):
+            ids = tf.cast(ids, tf.int32)
+        if ids.shape.rank is None:
+            raise _Unsupported("Embedding ids of unknown rank")
+        table = trace.read(layer, "embeddings")
+        out = tf.nn.embedding_lookup(table, ids)
+        trace.watch(out)
+        outputs = out
+        compute = getattr(layer, "compute_dtype", None)
+        if compute is not None and tf.as_dtype(compute) != out.dtype:
+            outputs = tf.cast(outputs, compute)
+        return outputs, _Record([out], ids=ids)
+
+    def gradients(self, layer, record, grads, groups):
+        (dout,) = grads
+        vocabulary, width = (int(d) for d in layer.embeddings.shape)
+        ids = tf.reshape(tf.cast(record.saved["ids"], tf.int64), [groups, -1])
+        segments = ids + tf.range(tf.cast(groups, tf.int64), dtype=tf.int64)[:, None] * vocabulary
+        rows = tf.math.unsorted_segment_sum(tf.reshape(_f32(dout), [-1, width]), tf.reshape(segments, [-1]),
+                                            tf.cast(groups, tf.int64) * vocabulary)
+        return {"embeddings": rows}
+
+
+class _LocallyConnected(_Rule):
+    name = "locally_connected"
+    classes = ("LocallyConnected1D", "LocallyConnected2D")
+    call_owners = classes
+    attributes = ("kernel", "bias")
+
+    def static_reason(self, layer):
+        reason = super().static_reason(layer)
+        if reason is None and getattr(layer, "implementation", None) not in (1, 2, 3):
+            reason = f"implementation={getattr(layer, 'implementation', None)!r}"
+        return reason
+
+    def forward(self, layer, inputs, trace):
+        x = _compute_cast(layer, inputs)
+        rank = len(layer.kernel_size)
+        if x.shape.rank != rank + 2 or _static(x.shape[1:]) is None:
+            raise _Unsupported("LocallyConnected input with dynamic shape")
+        out_shape = _static(tf.TensorShape(layer.compute_output_shape(x.shape))[1:])
+        if out_shape is None:
+            raise _Unsupported("LocallyConnected with a dynamic output shape")
+        out_sizes, filters = out_shape[:-1], out_shape[-1]
+        kernel = trace.read(layer, "kernel")
+        implementation = layer.implementation
+        if implementation == 1:
+            kernel_size, strides = _as_tuple(layer.kernel_size, rank), _as_tuple(layer.strides, rank)
+            features = math.prod(kernel_size) * x.shape[-1]
+            pieces = []
+            for position in itertools.product(*(range(m) for m in out_sizes)):
+                index = (slice(None),) + tuple(slice(p * s, p * s + k) for p, s, k in
+                                               zip(position, strides, kernel_size)) + (slice(None),)
+                pieces.append(tf.reshape(x[index], [1, -1, features]))
+            patches = tf.concat(pieces, axis=0)  # (P, n, F)
+            flat = tf.matmul(patches, kernel)  # (P, n, O)
+            z = tf.reshape(tf.transpose(flat, [1, 0, 2]), [-1, *out_sizes, filters])
+            saved = dict(patches=patches)
+        elif implementation == 2:
+            mask = tf.cast(layer.kernel_mask, kernel.dtype)
+            x_flat = tf.reshape(x, [-1, math.prod(x.shape[1:].as_list())])
+            matrix = tf.reshape(mask * kernel, [x_flat.shape[-1], -1])
+            z = tf.reshape(tf.matmul(x_flat, matrix), [-1, *out_shape])
+            saved = dict(x_flat=x_flat, mask=mask)
+        else:
+            x_flat = tf.reshape(x, [-1, math.prod(x.shape[1:].as_list())])
+            indices = tf.constant(layer.kernel_idxs, dtype=tf.int64)
+            product = tf.sparse.sparse_dense_matmul(
+                tf.SparseTensor(indices, kernel, layer.kernel_shape), x_flat, adjoint_b=True)
+            z = tf.reshape(tf.transpose(product), [-1, *out_shape])
+            saved = dict(x_flat=x_flat, indices=indices)
+        trace.watch(z)
+        outputs = z
+        if _bias_of(layer) is not None:
+            outputs = outputs + trace.read(layer, "bias")
+        return _apply_activation(layer, outputs), _Record([z], **saved)
+
+    def gradients(self, layer, record, grads, groups):
+        (dz,) = grads
+        s = record.saved
+        filters = int(dz.shape[-1])
+        if layer.implementation == 1:
+            patches = s["patches"]
+            p = tf.reshape(_f32(patches), [patches.shape[0], groups, -1, patches.shape[-1]])  # (P, g, b, F)
+            d = tf.reshape(_f32(dz), [groups, -1, patches.shape[0], filters])  # (g, b, P, O)
+            kernel = tf.einsum("pgbf,gbpo->gpfo", p, d)
+        elif layer.implementation == 2:
+            dz_flat = tf.reshape(dz, [-1, math.prod(dz.shape[1:].as_list())])
+            kernel = _group_matmul(s["x_flat"], dz_flat, groups)
+            kernel = tf.reshape(kernel, [groups, *layer.kernel.shape.as_list()]) * _f32(s["mask"])
+        else:  # the sparse kernel's entry k is Σ_samples x[col_k] · dz[row_k]: (g, b, nnz) products
+            dz_flat = tf.reshape(_f32(dz), [groups, -1, math.prod(dz.shape[1:].as_list())])
+            x_flat = tf.reshape(_f32(s["x_flat"]), [groups, -1, s["x_flat"].shape[-1]])
+            rows, cols = s["indices"][:, 0], s["indices"][:, 1]
+            kernel = tf.reduce_sum(tf.gather(dz_flat, rows, axis=2) * tf.gather(x_flat, cols, axis=2), axis=1)
+        result = {"kernel": kernel}
+        if _bias_of(layer) is not None:
+            dzs = tf.reshape(_f32(dz), [groups, -1] + dz.shape[1:].as_list())
+            bias_rank = layer.bias.shape.rank
+            result["bias"] = tf.reduce_sum(dzs, axis=list(range(1, dzs.shape.rank - bias_rank)))
+        return result
+
+
+_RULES = (_Dense(), _EinsumDense(), _Conv(), _ConvTranspose(), _DepthwiseConv(), _SeparableConv(), _Embedding(),
+          _LocallyConnected())
+_RULE_BY_CLASS = {name: rule for rule in _RULES for name in rule.classes}
+_ALL_ATTRIBUTES = tuple(dict.fromkeys(a for rule in _RULES for a in rule.attributes))
+RULE_CLASSES = {rule.name: rule.classes for rule in _RULES}  # rule name → the layer class names it covers
+
+
+def _rule_of(layer):
+    """(rule, None) if the layer has a rule for its configuration, else (None, reason)."""
+    mro = type(layer).__mro__
+    rule = next((_RULE_BY_CLASS[c.__name__] for c in mro if c.__name__ in _RULE_BY_CLASS), None)
+    if rule is None:
+        return None, f"no rule for {type(layer).__name__}"
+    if "call" in vars(layer):
+        return None, f"{layer.name}: call replaced on the instance"
+    owner = next((c for c in mro if "call" in vars(c)), None)
+    if owner is None or owner.__name__ not in rule.call_owners:
+        return None, f"{type(layer).__name__} overrides call ({owner.__name__ if owner else '?'}.call)"
+    try:
+        reason = rule.static_reason(layer)
+    except (AttributeError, TypeError, ValueError) as error:
+        reason = f"unreadable configuration ({error})"
+    return (rule, None) if reason is None else (None, f"{type(layer).__name__} {layer.name}: {reason}")
+
+
+def _all_layers(model):
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is not None:
+        try:
+            return list(flatten(include_self=False, recursive=True))
+        except TypeError:
+            pass
+    return [m for m in getattr(model, "submodules", ()) if callable(getattr(m, "call", None))]
+
+
+def _is_batch_norm(layer):
+    return any("BatchNorm" in c.__name__ for c in type(layer).__mro__) or (
+        hasattr(layer, "moving_mean") and hasattr(layer, "moving_variance"))
+
+
+class _Plan:
+    """Static analysis: for each variable, the rule layer and attribute that own it, or why it falls back."""
+
+    def __init__(self, model, variables):
+        self.variables = list(variables)
+        owners = {}
+        layers = _all_layers(model)
+        self.rule_layers, self.reasons = {}, {}
+        layer_rules = {}
+        for layer in layers:
+            rule, reason = _rule_of(layer)
+            layer_rules[id(layer)] = (rule, reason)
+            for attr in _ALL_ATTRIBUTES:
+                try:
+                    value = getattr(layer, attr, None)
+                except Exception:  # noqa: BLE001  (a property of an unbuilt layer may raise anything)
+                    continue
+                if value is None or not hasattr(value, "shape") or not hasattr(value, "dtype"):
+                    continue
+                if isinstance(value, tf.Tensor):
+                    continue
+                owners.setdefault(_key(value), []).append((layer, attr))
+        self.owner = []  # per variable: (layer, rule, attr) or None
+        for v in self.variables:
+            candidates = owners.get(_key(v), [])
+            with_rule = [(layer, attr) for layer, attr in candidates
+                         if layer_rules[id(layer)][0] is not None and attr in layer_rules[id(layer)][0].attributes]
+            if len(with_rule) == 1:
+                layer, attr = with_rule[0]
+                if attr == "bias" and _bias_of(layer) is None:
+                    self.owner.append(None)
+                    self.reasons[_key(v)] = "bias of a layer with use_bias=False"
+                    continue
+                rule = layer_rules[id(layer)][0]
+                self.owner.append((layer, rule, attr))
+                self.rule_layers[id(layer)] = (layer, rule)
+            else:
+                self.owner.append(None)
+                if len(with_rule) > 1:
+                    self.reasons[_key(v)] = "owned by several rule layers"
+                elif candidates:
+                    self.reasons[_key(v)] = "; ".join(sorted({layer_rules[id(l)][1] or f"{type(l).__name__}.{a}"
+                                                              for l, a in candidates}))
+                else:
+                    self.reasons[_key(v)] = "not a weight of a layer with a rule"
+        self.batch_norms = [layer for layer in layers if _is_batch_norm(layer) and id(layer) not in self.rule_layers]
+
+    def coverage(self):
+        return [None if o is None else f"{o[1].name}.{o[2]}" for o in self.owner]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tracing
+
+
+class _Trace:
+    """State of one traced forward pass with the rule layers patched."""
+
+    def __init__(self, plan, tape):
+        self.plan, self.tape = plan, tape
+        self.graph = tf.compat.v1.get_default_graph()
+        self.records = {}  # id(layer) → [_Record]
+        self.rejected = {}  # id(layer) → reason
+        self.coupled = []  # reasons the samples of the batch interact
+        self._reads = None
+
+    def watch(self, tensor):
+        if self.tape is not None:
+            self.tape.watch(tensor)
+
+    def read(self, layer, attr):
+        """The layer's weight as a tensor, as the layer reads it (auto-cast), remembering the read op."""
+        value = tf.convert_to_tensor(getattr(layer, attr))
+        op = value.op
+        while op.type in ("Cast", "Identity") and op.inputs:
+            op = op.inputs[0].op
+        self._reads.setdefault(attr, []).append(op if op.type == "ReadVariableOp" else None)
+        return value
+
+    def patched_call(self, layer, rule, original):
+        trace = self
+
+        @tf.autograph.experimental.do_not_convert
+        def call(inputs, *args, **kwargs):
+            reason = trace._dynamic_reason(inputs, args, kwargs)
+            if reason is None:
+                trace._reads = {}
+                try:
+                    outputs, record = rule.forward(layer, inputs, trace)
+                except _Unsupported as error:
+                    reason = str(error)
+                else:
+                    record.reads = trace._reads
+                    trace.records.setdefault(id(layer), []).append(record)
+                    return outputs
+                finally:
+                    trace._reads = None
+            trace.rejected.setdefault(id(layer), f"{layer.name}: {reason}")
+            return original(inputs, *args, **kwargs)
+
+        return call
+
+    def recording_call(self, layer, original):
+        """A batch normalisation's call that notes whether it ran on batch statistics."""
+        trace = self
+
+        @tf.autograph.experimental.do_not_convert
+        def call(inputs, *args, **kwargs):
+            training = kwargs.get("training", args[0] if args else None)
+            value = training
+            getter = getattr(layer, "_get_training_value", None)
+            if getter is not None:
+                try:
+                    value = getter(training)
+                except Exception:  # noqa: BLE001
+                    value = training
+            if value is not None and not isinstance(value, bool) and not isinstance(value, int):
+                value = tf.get_static_value(value)
+            if (value is None and training is not None) or (value and getattr(layer, "trainable", True)):
+                trace.coupled.append(f"{layer.name} runs on batch statistics (training={training!r})")
+            return original(inputs, *args, **kwargs)
+
+        return call
+
+    def _dynamic_reason(self, inputs, args, kwargs):
+        if args or any(k not in ("training", "mask") or (k == "mask" and v is not None) for k, v in kwargs.items()):
+            return "called with extra arguments"
+        if not isinstance(inputs, tf.Tensor) or isinstance(inputs, (tf.RaggedTensor, tf.SparseTensor)):
+            return f"input is a {type(inputs).__name__}"
+        if tf.compat.v1.get_default_graph() is not self.graph:
+            return "called inside control flow or a nested function"
+        if inputs.shape.rank is None or inputs.shape.rank < 1:
+            return "input of unknown rank"
+        if inputs.shape[0] is not None:
+            return "input whose first axis is not the batch of samples"
+        return None
+
+    def decide(self):
+        """Per variable, (layer, rule, attr) if its rule gradient is exact, else None; and the reasons."""
+        reasons = dict(self.plan.reasons)
+        captured = {}
+        for external, internal in getattr(self.graph, "captures", ()):
+            captured.setdefault(id(external), []).append(internal)
+        owners = []
+        for v, owner in zip(self.plan.variables, self.plan.owner):
+            if owner is None:
+                owners.append(None)
+                continue
+            layer, rule, attr = owner
+            reason = None
+            if self.coupled:
+                reason = "; ".join(self.coupled)
+            elif id(layer) in self.rejected:
+                reason = self.rejected[id(layer)]
+            else:
+                reads = [op for rec in self.records.get(id(layer), []) for op in rec.reads.get(attr, [])]
+                if any(op is None for op in reads):
+                    reason = f"{layer.name}.{attr}: read through something else than a ReadVariableOp"
+                else:
+                    handles = {id(op.inputs[0]): op.inputs[0] for op in reads}
+                    try:
+                        for internal in captured.get(id(_tf_variable(v).handle), []):
+                            handles[id(internal)] = internal
+                    except (AttributeError, ValueError, TypeError):
+                        pass
+                    ours = {op.name for op in reads}
+                    others = {c.name for h in handles.values() for c in h.consumers()} - ours
+                    if others:
+                        reason = f"{layer.name}.{attr} is also read outside its rule ({sorted(others)[0]})"
+            if reason is None:
+                owners.append(owner)
+            else:
+                owners.append(None)
+                reasons[_key(v)] = reason
+        return owners, reasons
+
+
+class _Patches:
+    """Replaces, on the instances, the call of the rule layers and batch normalisations; restores on exit."""
+
+    def __init__(self, trace):
+        self.trace, self.saved = trace, []
+
+    def __enter__(self):
+        try:
+            for layer, rule in self.trace.plan.rule_layers.values():
+                self._replace(layer, self.trace.patched_call(layer, rule, layer.call))
+            for layer in self.trace.plan.batch_norms:
+                self._replace(layer, self.trace.recording_call(layer, layer.call))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _replace(self, layer, call):
+        self.saved.append((layer, vars(layer).get("call", _MISSING)))
+        object.__setattr__(layer, "call", call)
+
+    def __exit__(self, *exc):
+        while self.saved:
+            layer, previous = self.saved.pop()
+            if previous is _MISSING:
+                object.__delattr__(layer, "call")
+            else:
+                object.__setattr__(layer, "call", previous)
+        return False
+
+
+_MISSING = object()
+
+
+def _flat_samples(t):
+    """(g, b, ...) → (g·b, ...), keeping the static inner shape."""
+    if t.shape.rank is not None and t.shape[2:].is_fully_defined():
+        return tf.reshape(t, [-1] + t.shape[2:].as_list())
+    flat = tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], axis=0))
+    if t.shape.rank is not None:
+        flat.set_shape(tf.TensorShape([None]).concatenate(t.shape[2:]))
+    return flat
+
+
+def _default_fallback():
+    from tf_woodfisher.fisher.gradients import make_gradient_fn  # lazy: gradients.py may import this module
+
+    return make_gradient_fn
+
+
+def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
+    """Returns gradients(x, y) with x, y (and nested structures) shaped (g, b, ...): g groups of b samples.
+
+    Returns a tuple, one per variable in ``variables``, of float32 tensors (g, variable.size): the flattened
+    gradient of each group's MEAN per-sample loss in inference mode (``model(x, training=False)``), the same
+    as :func:`tf_woodfisher.fisher.gradients.make_gradient_fn`. ``loss_fn(y_true, y_pred)`` returns
+    per-sample losses (n,) (or (n, ...), averaged within the group like the reference).
+
+    Variables of rule layers come from one batched forward and one batched backward over all g·b samples;
+    the others from ``fallback(model, fallback_variables, loss_fn)`` (default: ``make_gradient_fn``, a
+    vectorised map over groups), called inside the same compiled function. Compiled once per input
+    signature for any number of groups g. The returned function has attributes ``coverage`` (per
+    variable, the rule used or None) and ``fallback_reasons`` (variable name → why), set when it traces.
+    """
+    variables = list(variables)
+    fallback = fallback or _default_fallback()
+    plan = _Plan(model, variables)
+
+    def step(x, y):
+        groups = tf.shape(tf.nest.flatten(x)[0])[0]
+        flat_x, flat_y = tf.nest.map_structure(_flat_samples, (x, y))
+        owners, reasons = [None] * len(variables), dict(plan.reasons)
+        rows = [None] * len(variables)
+        if plan.rule_layers:
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                trace = _Trace(plan, tape)
+                with _Patches(trace):
+                    predictions = model(flat_x, training=False)
+                losses = loss_fn(flat_y, predictions)
+                if losses.shape.rank is None or losses.shape.rank == 0:
+                    trace.coupled.append(f"the loss is not per sample (shape {losses.shape})")
+                    total = None
+                else:
+                    per_group = tf.reduce_mean(tf.reshape(_f32(losses), [groups, -1]), axis=1)
+                    total = tf.reduce_sum(per_group)
+            owners, reasons = trace.decide()
+            used = [(i, owner) for i, owner in enumerate(owners) if owner is not None]
+            if used:
+                layers = {id(owner[0]): owner[0] for _, owner in used}
+                calls = [(layer, record) for key, layer in layers.items() for record in trace.records.get(key, [])]
+                watched = [t for _, record in calls for t in record.watched]
+                grads = [tf.convert_to_tensor(d) for d in
+                         tape.gradient(total, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
+                sums, start = {}, 0
+                for layer, record in calls:
+                    count = len(record.watched)
+                    rule = plan.rule_layers[id(layer)][1]
+                    for attr, value in rule.gradients(layer, record, grads[start:start + count], groups).items():
+                        key = (id(layer), attr)
+                        sums[key] = value if key not in sums else sums[key] + value
+                    start += count
+                for i, (layer, rule, attr) in used:
+                    size = int(variables[i].shape.num_elements())
+                    value = sums.get((id(layer), attr))
+                    rows[i] = tf.zeros([groups, size], tf.float32) if value is None else \
+                        tf.reshape(_f32(value), [-1, size])
+        rest = [i for i, row in enumerate(rows) if row is None]
+        if rest:
+            fallback_rows = fallback(model, [variables[i] for i in rest], loss_fn)(x, y)
+            for i, row in zip(rest, fallback_rows):
+                rows[i] = tf.reshape(_f32(tf.convert_to_tensor(row)), [-1, int(variables[i].shape.num_elements())])
+        gradients.coverage = [None if o is None else f"{o[1].name}.{o[2]}" for o in owners]
+        gradients.fallback_reasons = {variables[i].name: reasons.get(_key(variables[i]), "fallback")
+                                      for i in rest}
+        return tuple(rows)
+
+    compiled = tf.function(step)
+
+    def gradients(x, y):
+        any_chunk = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), (x, y))
+        return compiled.get_concrete_function(*any_chunk)(x, y)
+
+    gradients.coverage = None
+    gradients.fallback_reasons = None
+    return gradients
+
+
+def rule_coverage(model, variables, inputs=None):
+    """Per variable, the rule that forms its gradient (e.g. ``"conv.kernel"``) or None (the fallback).
+
+    Without ``inputs`` this is the static view (layer kinds and configurations). With ``inputs`` (a
+    batch, or a structure of ``tf.TensorSpec`` with a leading batch axis, as the model takes it) the
+    forward pass is traced once with the rules in place, which also catches what only shows at trace time
+    (dynamic shapes, control flow, tied weights, batch statistics); the exact coverage of a gradient
+    function is its ``coverage`` attribute once it has run.
+    """
+    plan = _Plan(model, variables)
+    if inputs is None or not plan.rule_layers:
+        return plan.coverage()
+    spec = tf.nest.map_structure(
+        lambda t: t if isinstance(t, tf.TensorSpec) else tf.TensorSpec([None, *t.shape[1:]], tf.as_dtype(t.dtype)),
+        inputs)
+    result = {}
+
+    def forward(x):
+        trace = _Trace(plan, None)
+        with _Patches(trace):
+            model(x, training=False)
+        result["owners"] = trace.decide()[0]
+        return tf.constant(0)
+
+    tf.function(forward, autograph=False).get_concrete_function(spec)
+    return [None if o is None else f"{o[1].name}.{o[2]}" for o in result["owners"]]

@@ -1,0 +1,135 @@
+"""``prune_woodfisher``: the WoodFisher counterpart of tfmot's ``prune_low_magnitude``."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras as keras
+
+from tf_woodfisher.config import WoodFisherConfig, resolve_config
+from tf_woodfisher.tfmot.schedules import SCHEDULES, KeepMasks
+from tf_woodfisher.tfmot.targets import PruneLowMagnitude
+from tf_woodfisher.tfmot.wrapper import PruneWoodFisher
+
+
+def prune_scope():
+    """A ``custom_object_scope`` to load models saved with tf_woodfisher (and tfmot) wrappers and schedules."""
+    return keras.utils.custom_object_scope(
+        dict(SCHEDULES, PruneWoodFisher=PruneWoodFisher, PruneLowMagnitude=PruneLowMagnitude))
+
+
+def strip_pruning(model):
+    """tfmot's ``strip_pruning``: the model without pruning wrappers, its weights keeping their zeros."""
+    return tfmot.sparsity.keras.strip_pruning(model)
+
+
+def _already_wrapped(layers):
+    for layer in layers:
+        if isinstance(layer, PruneLowMagnitude):
+            return layer
+        if isinstance(layer, keras.Model):
+            inner = _already_wrapped(layer.layers)
+            if inner is not None:
+                return inner
+    return None
+
+
+# Keras layer keywords that tfmot's prune_low_magnitude passes to the wrapper of a single layer.
+LAYER_KEYWORDS = ("name", "trainable", "input_shape", "batch_input_shape", "batch_size", "weights",
+                  "activity_regularizer")
+
+
+def prune_woodfisher(to_prune, pruning_schedule=None, config: Optional[WoodFisherConfig] = None, *,
+                     pruning_policy=None, **overrides: Any):
+    """Wrap a layer, a list of layers, or a Sequential/functional model for WoodFisher pruning in ``model.fit``.
+
+    Accepts what ``tfmot.sparsity.keras.prune_low_magnitude`` accepts and returns the same structure,
+    with ``PruneWoodFisher`` wrappers (tfmot wrappers, so ``strip_pruning`` and ``PruningSummaries``
+    work). Train with ``tfw.UpdatePruningStep(fisher_dataset, loss)`` in the callbacks: at each pruning
+    step of ``pruning_schedule`` it prunes with WoodFisher scores computed on its Fisher data. As with
+    tfmot, the returned model shares its layers with ``to_prune`` and must be compiled again.
+
+    Args:
+        to_prune: a tf_keras layer, a list of layers, or a Sequential/functional model.
+        pruning_schedule: any tfmot ``PruningSchedule`` (default ``ConstantSparsity(0.5, 0)``), e.g.
+            :class:`~tf_woodfisher.GradualSchedule` or :class:`~tf_woodfisher.OneShotSchedule`.
+        config: the :class:`~tf_woodfisher.WoodFisherConfig` of the pruning events (saved with the model).
+        pruning_policy: tfmot's ``PruningPolicy``; not supported yet (anything but None raises).
+        **overrides: fields of the config, including tfmot's ``block_size``, ``block_pooling_type`` and
+            ``sparsity_m_by_n``; and, as in tfmot, Keras layer keywords (``name``, ``trainable``, ...)
+            for the wrapper of a single layer.
+
+    Returns:
+        The wrapped layer, list of layers or model.
+
+    Raises:
+        TypeError: an unknown keyword (e.g. the Fisher data, which goes to ``tfw.UpdatePruningStep``).
+        NotImplementedError: a ``pruning_policy``.
+        ValueError: a subclassed model, an already wrapped layer, a schedule that is not a tfmot one,
+            a Keras 3 object, or a config value out of range.
+    """
+    for name in ("fisher_dataset", "loss"):
+        if name in overrides:
+            raise TypeError(f"prune_woodfisher no longer takes {name}=: pass it to the callback, "
+                            f"tfw.UpdatePruningStep({name}=...), which runs the pruning events")
+    if pruning_schedule is not None and not isinstance(pruning_schedule, tfmot.sparsity.keras.PruningSchedule):
+        if isinstance(pruning_schedule, tf.data.Dataset):
+            raise TypeError("prune_woodfisher's second argument is the pruning schedule; the Fisher dataset goes "
+                            "to tfw.UpdatePruningStep(fisher_dataset, loss)")
+        raise ValueError(f"pruning_schedule must be a tfmot PruningSchedule, got {type(pruning_schedule).__name__}")
+    if pruning_policy is not None:
+        raise NotImplementedError("prune_woodfisher does not support tfmot's pruning_policy yet; pass "
+                                  "pruning_policy=None and choose the layers to wrap yourself")
+    schedule = pruning_schedule or tfmot.sparsity.keras.ConstantSparsity(0.5, 0)
+    layer_kwargs = {k: overrides.pop(k) for k in LAYER_KEYWORDS if k in overrides}
+    config = resolve_config(config, overrides, "prune_woodfisher")
+
+    def wrap(layer, **kwargs):
+        return PruneWoodFisher(layer, schedule, config, **kwargs)
+
+    if isinstance(to_prune, list):
+        layers = to_prune
+    elif isinstance(to_prune, keras.Model):
+        layers = to_prune.layers
+    elif isinstance(to_prune, keras.layers.Layer):
+        layers = [to_prune]
+    else:
+        hint = (" (a Keras 3 object: use tf_woodfisher.keras3 for Keras 3 models)"
+                if type(to_prune).__module__.startswith("keras") else "")
+        raise ValueError(f"prune_woodfisher can prune a tf_keras Sequential or functional model, a layer or a list "
+                         f"of layers, got {type(to_prune).__name__}{hint}")
+    wrapped = _already_wrapped(layers)
+    if wrapped is not None:
+        raise ValueError(f"layer {wrapped.name!r} is already wrapped for pruning; strip it with "
+                         "tfw.strip_pruning() before wrapping again")
+
+    if isinstance(to_prune, keras.Model):
+        if not isinstance(to_prune, keras.Sequential) and not to_prune._is_graph_network:
+            raise ValueError("Subclassed models are not supported currently: use a Sequential or functional "
+                             "model, or call tfw.one_shot_prune for one-shot pruning of a built subclassed model")
+
+        def clone(layer):
+            if isinstance(layer, keras.Model):
+                return keras.models.clone_model(layer, input_tensors=None, clone_function=clone)
+            return wrap(layer)
+
+        return keras.models.clone_model(to_prune, input_tensors=None, clone_function=clone)
+    if isinstance(to_prune, list):
+        return [layer if isinstance(layer, keras.layers.InputLayer) else wrap(layer) for layer in to_prune]
+    return wrap(to_prune, **layer_kwargs)
+
+
+def masks_from_zeros(model):
+    """Wrap ``model`` so that its current zeros become fixed masks (e.g. after gRDA training).
+
+    Returns a ``prune_woodfisher`` model with the ``KeepMasks`` schedule and masks = (weight ≠ 0):
+    fine-tuning it with ``tfw.UpdatePruningStep()`` keeps every zero, and ``strip_pruning`` or
+    ``tfw.export_tflite`` give the sparse model.
+    """
+    wrapped = prune_woodfisher(model, KeepMasks(), method="magnitude")
+    for layer in wrapped.submodules:
+        if isinstance(layer, PruneWoodFisher):
+            for weight, mask, _ in layer.pruning_vars:
+                mask.assign(tf.cast(tf.not_equal(weight, 0), mask.dtype))
+    return wrapped

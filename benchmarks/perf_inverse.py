@@ -120,7 +120,8 @@ def main(argv=None):
         return
     started = time.perf_counter()
     rows = [run_in_child(m, block, args.repeats) for m in args.m for block in args.blocks]
-    notes = ("`InverseFisher.from_gradients(G, partition, λ=1e-5).diagonal()` in float32 on an m × 270,896 gradient-like "
+    notes = ("`InverseFisher.from_gradients(G, partition, λ=1e-5).diagonal()` in float32 on an m × 270,896 "
+             "gradient-like "
              "matrix with ResNet-20's tensor sizes; median of the repeats after a first call. 'groups' lists K×c and "
              "the form of each group of equal-size blocks. GFLOP/s counts the flops of the algorithm run: "
              "low-rank 2m²c (GGᵀ) + m³/3 (Cholesky) + m²c (L⁻¹G) per block, explicit 2c²m (GᵀG) + c³/3 (Cholesky) "

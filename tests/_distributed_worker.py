@@ -48,7 +48,8 @@ def one_shot(strategy, method="woodfisher", fisher_block_size=2000, damping=1e-5
     with strategy.scope():
         model = tfw.models.mlpnet(NPZ)
     report = tfw.one_shot_prune(model, fisher, LOSS, 0.9, method=method, num_gradients=64, fisher_batch_size=2,
-                                fisher_block_size=fisher_block_size, damping=damping, steps=2, strategy=strategy, verbose=0)
+                                fisher_block_size=fisher_block_size, damping=damping, steps=2, strategy=strategy,
+                                verbose=0)
     return [w.numpy() for w in model.weights], report.sparsity, [report.gathered_bytes, report.reduced_bytes]
 
 
@@ -72,9 +73,9 @@ def grda(strategy, steps=20):
 
     @tf.function
     def step(features, labels):
-        def replica_step(f, l):
+        def replica_step(f, labels):
             with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(PER_SAMPLE_LOSS(l, model(f, training=True))) / BATCH  # global-batch mean
+                loss = tf.reduce_sum(PER_SAMPLE_LOSS(labels, model(f, training=True))) / BATCH  # global-batch mean
             optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
 
         strategy.run(replica_step, args=(features, labels))
@@ -82,8 +83,8 @@ def grda(strategy, steps=20):
     replicas = strategy.num_replicas_in_sync
     per_replica = BATCH // replicas
     shards = strategy.experimental_distribute_values_from_function(
-        lambda ctx: (train_x[ctx.replica_id_in_sync_group * per_replica:(ctx.replica_id_in_sync_group + 1) * per_replica],
-                     train_y[ctx.replica_id_in_sync_group * per_replica:(ctx.replica_id_in_sync_group + 1) * per_replica]))
+        lambda ctx: tuple(a[ctx.replica_id_in_sync_group * per_replica:(ctx.replica_id_in_sync_group + 1) * per_replica]
+                          for a in (train_x, train_y)))
     for _ in range(steps):
         step(*shards)
     return [w.numpy() for w in model.weights]

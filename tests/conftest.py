@@ -19,6 +19,16 @@ def _required_path(env_var, default):
     return path
 
 
+DATA_FIXTURES = {"mnist_dir", "mlpnet_npz", "mnist_flat", "mnist_images", "cifar10_dir", "resnet20_npz"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that read ../shared data belong to the slow tier (the fast tier, -m "not slow", needs no data)."""
+    for item in items:
+        if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir():
     return str(_required_path("TFW_MNIST_DIR", SHARED / "datasets" / "mnist"))

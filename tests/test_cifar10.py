@@ -102,7 +102,8 @@ def _write_fake_batches(folder, rows=6):
 def test_full_batches_are_md5_checked(tmp_path, monkeypatch, cifar10_dir):
     content = _write_fake_batches(tmp_path / data.CIFAR10_BATCHES_DIR)
     shutil.copy(_subset(cifar10_dir), tmp_path)  # the batches win over the subset
-    with pytest.raises(ValueError, match=r"data_batch_1: md5 \w+ .* not the official c99cafc1.*cifar-10-python\.tar\.gz"):
+    with pytest.raises(ValueError,
+                       match=r"data_batch_1: md5 \w+ .* not the official c99cafc1.*cifar-10-python\.tar\.gz"):
         data.load_cifar10("train", str(tmp_path))
     with pytest.raises(ValueError, match=r"test_batch: md5 .* official 40351d58"):
         data.load_cifar10("test", str(tmp_path))

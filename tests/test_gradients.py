@@ -65,12 +65,12 @@ def every_layer_model():
     return keras.Model([image, tokens], out)
 
 
-def loop_gradients(model, variables, xs, ys, group):
+def loop_gradients(model, variables, xs, ys, group, loss_fn=LOSS):
     rows = []
     for start in range(0, len(ys), group):
         x = tf.nest.map_structure(lambda a: a[start:start + group], xs)
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(LOSS(ys[start:start + group], model(x, training=False)))
+            loss = tf.reduce_mean(loss_fn(ys[start:start + group], model(x, training=False)))
         rows.append(np.concatenate([np.ravel(tf.convert_to_tensor(g)) for g in tape.gradient(loss, variables)]))
     return np.stack(rows)
 
@@ -108,9 +108,11 @@ def test_mlpnet_gradients_masked_batched_and_deterministic(mlpnet_npz, mnist_fla
     assert not np.allclose(g1, g3)  # another seed draws other samples
     assert np.all(g1[:, ::3] == 0) and np.count_nonzero(g1[:, 1::3]) > 0
     in_order = collect_gradients(model, variables, unbatched, "sparse_categorical_crossentropy", 4,
-                                 shuffle_buffer=0, mask=None)
-    # A loss name means from_logits=False: different numbers from the logits loss, same shape.
-    assert in_order.shape == (4, d)
+                                 shuffle_buffer=0, mask=None).numpy()
+    # A loss name is Keras' loss of that name (from_logits=False), taken per sample.
+    probabilities = keras.losses.SparseCategoricalCrossentropy(from_logits=False)
+    expected = loop_gradients(model, variables, x[:4], y[:4], 1, probabilities)
+    np.testing.assert_allclose(in_order, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
 def test_dataset_too_small_or_empty(mlpnet_npz, mnist_flat):

@@ -257,6 +257,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(rng, tmp_path, fmt):
     assert any(np.count_nonzero(w == 0) for w in straight.get_weights())
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_matches_single_device(tmp_path):
     worker = pathlib.Path(__file__).with_name("_grda_distributed_worker.py")
     out = tmp_path / "result.npz"

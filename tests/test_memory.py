@@ -115,7 +115,8 @@ def test_max_memory_errors_before_any_gradient(mlpnet_npz, fisher_data, capsys):
     with pytest.raises(MemoryBudgetError, match=r"too small.*needs.*Options"):
         tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_gradients=64, max_memory="1MB", verbose=0)
     with pytest.raises(MemoryBudgetError, match="cannot be streamed"):
-        tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_gradients=64, fisher_block_size="model", max_memory="20MB",
+        tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_gradients=64, fisher_block_size="model",
+                           max_memory="20MB",
                            verbose=0)
     for bad, message in (("lots", "max_memory"), (-5, "max_memory")):
         with pytest.raises(ValueError, match=message):

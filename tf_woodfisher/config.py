@@ -190,7 +190,7 @@ def resolve_config(config: WoodFisherConfig | None, overrides: Mapping[str, Any]
     if config is not None and not isinstance(config, WoodFisherConfig):
         raise TypeError(f"{where}: config must be a tfw.WoodFisherConfig or None, got {config!r} "
                         "(pass settings such as method='woodfisher' as keywords)")
-    values = {}
+    values, given_as = {}, {}
     for name, value in overrides.items():
         target = ALIASES.get(name, name)
         if name in RENAMED:
@@ -199,8 +199,8 @@ def resolve_config(config: WoodFisherConfig | None, overrides: Mapping[str, Any]
             hint = " (the Fisher chunk is fisher_block_size)" if name == "block" else ""
             raise TypeError(f"{where} got an unexpected keyword argument {name!r}{hint}")
         if target in values:
-            raise TypeError(f"{where}: {name!r} and {target!r} are the same setting; give one")
-        values[target] = value
+            raise TypeError(f"{where}: {given_as[target]!r} and {name!r} are the same setting; give one")
+        values[target], given_as[target] = value, name
     if "block_size" in values and _is_int(values["block_size"]):
         raise TypeError(f"{where}: block_size is tfmot's (r, c) sparsity block shape; the Fisher chunk of "
                         f"{values['block_size']} weights is fisher_block_size={values['block_size']}")

@@ -283,7 +283,8 @@ def read_cifar10_subset(path, split="train", verify=True):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CIFAR-10 subset {str(path)!r} does not exist")
     keys = (f"x_{split}", f"y_{split}")
-    advice = f"copy {CIFAR10_SUBSET_FILE} again from shared/datasets/cifar10/ (file md5 e98607fef967a436a9531a2655089a73)"
+    advice = (f"copy {CIFAR10_SUBSET_FILE} again from shared/datasets/cifar10/ "
+              "(file md5 e98607fef967a436a9531a2655089a73)")
     try:
         with np.load(path, allow_pickle=False) as arrays:
             missing = [k for k in keys if k not in arrays.files]

@@ -4,8 +4,8 @@ the plan that keeps them under ``max_memory``.
 The estimates count the engine's large buffers: the m × d gradients (one matrix per weight tensor),
 one chunk of per-sample gradient rows, each block group's factorisation workspace and what the
 inverse keeps of it (a block that is a whole tensor is a view of its gradients), and the event's
-flat (d,) vectors (weights, masks, scores, block indices). TensorFlow's runtime, the model's weights and its activations are not
-counted. When the one-pass plan does not fit, consecutive prunable tensors are grouped into stages
+flat (d,) vectors (weights, masks, scores, block indices). TensorFlow's runtime, the model's weights and its
+activations are not counted. When the one-pass plan does not fit, consecutive prunable tensors are grouped into stages
 whose gradients are computed one stage at a time (and, when the stages' inverses cannot all be
 kept, recomputed for the weight update). Blocks never cross tensors, so a staged event prunes
 exactly as the one-pass event does. Nothing here knows about Keras or TensorFlow; block grouping and
@@ -249,7 +249,8 @@ def _budget_message(shape, budget, one_pass):
     alternatives = {"gradient_dtype='bfloat16'": dict(gradient_dtype="bfloat16"),
                     "inverse_dtype='float32'": dict(inverse_dtype="float32"),
                     "fisher_block_size=None (one block per tensor, streamable)": dict(fisher_block_size=None),
-                    f"num_gradients={max(1, shape.num_gradients // 2)}": dict(num_gradients=max(1, shape.num_gradients // 2))}
+                    f"num_gradients={max(1, shape.num_gradients // 2)}":
+                        dict(num_gradients=max(1, shape.num_gradients // 2))}
     for label, change in alternatives.items():
         other_needs = leanest_bytes(dataclasses.replace(shape, **change))
         if other_needs < needed:

@@ -2,14 +2,14 @@
 
 Built-in layers (matched with ``isinstance``, so subclasses count):
 
-| layer | pruned weights | tfmot's registry |
-| --- | --- | --- |
-| Dense, EinsumDense, Conv1D/2D/3D and their transposes, LocallyConnected1D/2D | ``kernel`` | the same (EinsumDense: not in tfmot) |
-| DepthwiseConv2D | ``depthwise_kernel`` | none (beyond tfmot) |
-| SeparableConv1D/2D | ``depthwise_kernel`` and ``pointwise_kernel`` | only the pointwise kernel |
-| Embedding | ``embeddings`` | the same |
-| MultiHeadAttention | the query, key, value and output ``EinsumDense`` kernels | the same |
-| RNN, LSTM, GRU, SimpleRNN (cells, stacked cells), Bidirectional, TimeDistributed | each cell's ``kernel`` and ``recurrent_kernel`` | RNNs the same; Bidirectional/TimeDistributed: none |
+- Dense, EinsumDense, Conv1D/2D/3D and their transposes, LocallyConnected1D/2D: ``kernel``
+  (tfmot: the same, except EinsumDense, which tfmot does not prune).
+- DepthwiseConv2D: ``depthwise_kernel`` (tfmot: none; beyond tfmot).
+- SeparableConv1D/2D: ``depthwise_kernel`` and ``pointwise_kernel`` (tfmot: only the pointwise kernel).
+- Embedding: ``embeddings`` (as tfmot).
+- MultiHeadAttention: the query, key, value and output ``EinsumDense`` kernels (as tfmot).
+- RNN, LSTM, GRU, SimpleRNN (cells, stacked cells): each cell's ``kernel`` and ``recurrent_kernel`` (as tfmot);
+  Bidirectional and TimeDistributed around them (tfmot: none).
 
 Layers implementing tfmot's ``PrunableLayer`` (any ``get_prunable_weights`` method) give their own
 list, and tfmot pruning wrappers give the (weight, mask) pairs of their ``pruning_vars``.

@@ -26,6 +26,27 @@ def _missing(hook: str, module: str, error: Exception) -> CompatibilityError:
         f"{TESTED.get(module, '?')}): {error}. Install the versions pinned in setup.cfg.")
 
 
+def check_versions(*modules: str) -> list:
+    """Warn (RuntimeWarning) for each of ``modules`` whose installed version differs from the one tested.
+
+    Returns:
+        The (module, installed, tested) triples that differ.
+    """
+    import warnings
+
+    differing = []
+    for module in modules:
+        version = getattr(sys.modules.get(module) or __import__(module), "__version__", "unknown")
+        if not str(version).startswith(TESTED[module]):
+            differing.append((module, version, TESTED[module]))
+    if differing:
+        listing = ", ".join(f"{m} {v} (tested: {t})" for m, v, t in differing)
+        warnings.warn(f"tf_woodfisher was tested with other versions than the installed {listing}; its private hooks "
+                      "(tf_woodfisher.compat) raise CompatibilityError if they no longer fit", RuntimeWarning,
+                      stacklevel=3)
+    return differing
+
+
 def imported_as_parent(package: str) -> bool:
     """True while CPython imports ``package`` only as the parent of one of its submodules.
 

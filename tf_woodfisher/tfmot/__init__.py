@@ -9,6 +9,10 @@ from tf_woodfisher import legacy_keras  # noqa: F401  (first: TF_USE_LEGACY_KERA
 import tensorflow as tf
 import tf_keras as keras
 
+from tf_woodfisher import compat
+
+compat.check_versions("tensorflow", "tf_keras", "tensorflow_model_optimization")
+
 from tf_woodfisher.tfmot.callbacks import UpdatePruningStep
 from tf_woodfisher.tfmot.oneshot import one_shot_prune
 from tf_woodfisher.tfmot.prune import masks_from_zeros, prune_scope, prune_woodfisher, strip_pruning

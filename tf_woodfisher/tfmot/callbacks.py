@@ -95,7 +95,8 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
         if self.pruner is None:
             return
         self._step += 1  # the step this batch's forward pass will see
-        should_prune, sparsity = self.schedule(tf.constant(self._step, tf.int64))
+        with tf.device("/cpu:0"):  # a few scalar ops on the host: no device round trip per batch
+            should_prune, sparsity = self.schedule(tf.constant(self._step, tf.int64))
         if bool(should_prune):
             self._step = int(self._wrappers[0].pruning_step.numpy()) + 1  # resynchronise at each event
             self.prune(self._step, float(sparsity))

@@ -114,11 +114,15 @@ def load_mnist(split="train", path=None, flatten=False, shuffle_seed=None):
     ``shuffle_seed`` permutes the rows (the 5k subset is stored sorted by class).
     """
     images, labels = load_mnist_arrays(split, path)
-    x, y = normalize_images(images, flatten), labels
-    if shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(len(y))
-        x, y = x[order], y[order]
-    return x, y
+    return _shuffled(normalize_images(images, flatten), labels, shuffle_seed)
+
+
+def _shuffled(x, y, seed):
+    """(x, y) with rows permuted by ``seed`` (None: as they are)."""
+    if seed is None:
+        return x, y
+    order = np.random.default_rng(seed).permutation(len(y))
+    return x[order], y[order]
 
 
 def mnist_dataset(split="train", path=None, flatten=False, shuffle_seed=None):
@@ -387,11 +391,7 @@ def load_cifar10(split="train", path=None, shuffle_seed=None, verify=True):
         ValueError, FileNotFoundError, RuntimeError: as :func:`load_cifar10_arrays`.
     """
     images, labels = load_cifar10_arrays(split, path, verify)
-    x, y = normalize_cifar10(images), labels
-    if shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(len(y))
-        x, y = x[order], y[order]
-    return x, y
+    return _shuffled(normalize_cifar10(images), labels, shuffle_seed)
 
 
 def cifar10_dataset(split="train", path=None, shuffle_seed=None, verify=True):

@@ -93,16 +93,6 @@ def pfor_wrap(tensor: Any, stacked: bool) -> Any:
     return pfor.wrap(tensor, stacked)
 
 
-def keras_tracing_for_savedmodel() -> bool:
-    """Whether tf_keras is tracing a layer call for SavedModel export (tf_keras' private call context)."""
-    try:
-        from tf_keras.src.engine import base_layer_utils
-
-        return bool(base_layer_utils.call_context().saving)
-    except (ImportError, AttributeError) as error:
-        raise _missing("keras_tracing_for_savedmodel", "tf_keras", error) from error
-
-
 def tfmot_pruning_classes() -> tuple[type, type]:
     """(PruneLowMagnitude, Pruning): tfmot's wrapper class and its private mask-update object."""
     try:
@@ -117,7 +107,8 @@ def optimizer_slots(optimizer: Any, variable: Any) -> list:
     """The optimizer's per-weight state (momentum, Adam moments, ...) of ``variable``.
 
     tf_keras' legacy optimizers expose ``get_slot_names``/``get_slot``; the new ones (tf_keras and
-    Keras 3) keep slots in ``optimizer.variables``, named after the variable, with its shape.
+    Keras 3) keep slots in ``optimizer.variables``, named after the variable, with its shape. For a Keras 3
+    optimizer pass the Keras variable (its ``path`` names the slots), not its ``.value``.
     """
     if optimizer is None:
         return []
@@ -129,6 +120,24 @@ def optimizer_slots(optimizer: Any, variable: Any) -> list:
             except KeyError:
                 continue
         return slots
+    if hasattr(variable, "path") and type(optimizer).__module__.split(".")[0] == "keras":
+        return _keras3_optimizer_slots(optimizer, variable)
     suffix = "/" + variable.name.split(":")[0]
     return [v for v in optimizer.variables
             if v.name.split(":")[0].endswith(suffix) and tuple(v.shape) == tuple(variable.shape)]
+
+
+def _keras3_optimizer_slots(optimizer: Any, variable: Any) -> list:
+    """Keras 3: a slot of the Keras variable ``variable`` is named ``<variable.path, '/' → '_'>_<slot name>``
+    (``add_variable_from_reference``); it belongs to the variable of the optimizer with the longest such
+    prefix (paths 'a/b' and 'a/b_c' share a prefix). A LossScaleOptimizer's slots are its inner optimizer's."""
+    if hasattr(optimizer, "inner_optimizer"):
+        return _keras3_optimizer_slots(optimizer.inner_optimizer, variable)
+    try:
+        known = [v.path.replace("/", "_") + "_" for v in optimizer._trainable_variables]
+    except AttributeError as error:
+        raise _missing("optimizer_slots (Keras 3 optimizer._trainable_variables)", "keras", error) from error
+    prefix = variable.path.replace("/", "_") + "_"
+    longer = [other for other in known if len(other) > len(prefix) and other.startswith(prefix)]
+    return [v for v in optimizer.variables if v.name.startswith(prefix) and tuple(v.shape) == tuple(variable.shape)
+            and not any(v.name.startswith(other) for other in longer)]

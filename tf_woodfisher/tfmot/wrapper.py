@@ -81,11 +81,6 @@ class PruneWoodFisher(PruneLowMagnitude):
             pruning_schedule=self.pruning_schedule, block_size=self.block_size,
             block_pooling_type=self.block_pooling_type, sparsity_m_by_n=self.sparsity_m_by_n)
 
-    def call(self, inputs, training=None, **kwargs):
-        if compat.keras_tracing_for_savedmodel():  # SavedModel export traces training=True: no step, no check
-            training = False
-        return super().call(inputs, training=training, **kwargs)
-
     def get_config(self):
         config = super().get_config()
         config["woodfisher_config"] = self.woodfisher_config.to_dict()

@@ -1,6 +1,7 @@
 """``prune_woodfisher``: the WoodFisher counterpart of tfmot's ``prune_low_magnitude``."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import tensorflow as tf
@@ -88,6 +89,10 @@ def prune_woodfisher(to_prune, pruning_schedule=None, config: Optional[WoodFishe
     def wrap(layer, **kwargs):
         return PruneWoodFisher(layer, schedule, config, **kwargs)
 
+    if layer_kwargs and not (isinstance(to_prune, keras.layers.Layer) and not isinstance(to_prune, keras.Model)):
+        warnings.warn(f"prune_woodfisher: the layer keywords {sorted(layer_kwargs)} apply to the wrapper of a single "
+                      f"layer and are ignored for a {type(to_prune).__name__} (as in tfmot)", RuntimeWarning,
+                      stacklevel=2)
     if isinstance(to_prune, list):
         layers = to_prune
     elif isinstance(to_prune, keras.Model):

@@ -16,11 +16,11 @@ $(VENV)/installed: setup.cfg pyproject.toml
 demo: $(VENV)/installed  ## the main job: one-shot WoodFisher vs magnitude on the reference MLPNet, MNIST
 	$(VENV)/bin/python examples/oneshot_mnist.py
 
-test: $(VENV)/installed  ## the test suite (the README's test command)
-	$(VENV)/bin/python -m pytest -q tests
+test: $(VENV)/installed  ## the test suite (the README's test command); Keras 3 tests in their own process
+	$(VENV)/bin/python -m pytest -q tests && $(VENV)/bin/python -m pytest -q tests_keras3
 
 test-fast: $(VENV)/installed  ## the fast tier: no data, numerical core against NumPy references
-	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests && $(VENV)/bin/python -m pytest -q -m "not slow" tests_keras3
 
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff check .

@@ -7,7 +7,8 @@ The benchmarks import it as ``common`` (``python benchmarks/<script>.py`` puts t
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     import common
 
-Importing it imports tf_woodfisher before TensorFlow, so that ``tf.keras`` is tf_keras (Keras 2).
+Importing it imports tf_woodfisher before TensorFlow, so that ``tf.keras`` is tf_keras (Keras 2); a Keras 3
+script imports ``tf_woodfisher.keras3`` first, and then ``common.keras`` is Keras 3 (``common.KERAS3``).
 """
 import csv
 import os
@@ -20,9 +21,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-import tf_woodfisher as tfw  # noqa: E402  (first: sets TF_USE_LEGACY_KERAS=1)
+# A Keras 3 script imports tf_woodfisher.keras3 before this module: then keep Keras 3 (tf_woodfisher is already
+# imported as its parent package, without the tfmot entry's side effects), else the tf_keras / tfmot path.
+KERAS3 = "tf_woodfisher.keras3" in sys.modules
+import tf_woodfisher as tfw  # noqa: E402  (first: sets TF_USE_LEGACY_KERAS=1, unless KERAS3)
 import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+
+if KERAS3:
+    import keras  # noqa: E402
+else:
+    import tf_keras as keras  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
@@ -207,12 +215,16 @@ def command_line(argv=None, script=None):
 
 def environment_line():
     """One line naming the software and the machine the numbers come from."""
-    import tensorflow_model_optimization as tfmot
-
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-    return (f"TensorFlow {tf.__version__} ({device}), tf_keras {keras.__version__}, tfmot "
-            f"{getattr(tfmot, '__version__', '?')}, NumPy {np.__version__}, Python {platform.python_version()}, "
-            f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {time.strftime('%Y-%m-%d')}")
+    if KERAS3:
+        stack = f"Keras {keras.__version__}"
+    else:
+        import tensorflow_model_optimization as tfmot
+
+        stack = f"tf_keras {keras.__version__}, tfmot {getattr(tfmot, '__version__', '?')}"
+    return (f"TensorFlow {tf.__version__} ({device}), {stack}, NumPy {np.__version__}, Python "
+            f"{platform.python_version()}, {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+            f"{time.strftime('%Y-%m-%d')}")
 
 
 def produced_by(seconds, argv=None, script=None):

@@ -15,7 +15,7 @@ import time
 import common  # noqa: F401  (first: imports tf_woodfisher before TensorFlow)
 import tensorflow as tf
 import tf_keras as keras
-from tf_woodfisher.fisher.gradients import collect_gradients, make_gradient_fn
+from tf_woodfisher.fisher.gradients import collect_gradients, looks_batched, make_gradient_fn
 
 # Per-sample cross-entropies (the numerical core takes (y_true, y_pred) → losses of shape (n,)).
 LOGITS_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=keras.losses.Reduction.NONE)
@@ -99,10 +99,12 @@ class ModelGradients:
 
     def __init__(self, model, variables, loss_fn=LOGITS_LOSS):
         self.forward = lambda x: model(x, training=False)
+        self.input_ranks = [t.shape.rank for t in model.inputs]
         self.variables, self.loss_fn = list(variables), loss_fn
         self.gradient_fn = make_gradient_fn(self.forward, self.variables, loss_fn)
 
     def __call__(self, dataset, num_gradients, **kwargs):
+        kwargs.setdefault("batched", looks_batched(dataset, self.input_ranks))  # the core knows no model
         return collect_gradients(self.forward, self.variables, dataset, self.loss_fn, num_gradients,
                                  gradient_fn=self.gradient_fn, **kwargs)
 

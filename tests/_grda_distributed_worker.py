@@ -1,8 +1,10 @@
 """Subprocess of test_grda.py: train with GRDA on one device and under MirroredStrategy on 2 logical CPUs.
 
-Usage: python _grda_distributed_worker.py OUT.npz. Writes the final model and optimizer variables of both
+Usage: python _grda_distributed_worker.py OUT.npz [keras3]. Writes the final model and optimizer variables of both
 runs as single_NN / mirrored_NN arrays and prints a one-line JSON summary. Logical devices must be set
-before TensorFlow initialises, hence the separate process.
+before TensorFlow initialises, hence the separate process. With ``keras3`` it trains Keras 3's model with
+``tf_woodfisher.keras3.optimizers.GRDA`` (tests_keras3/test_grda.py), else tf_keras' with
+``tf_woodfisher.optimizers.GRDA``.
 """
 import json
 import sys
@@ -10,12 +12,18 @@ import sys
 import numpy as np
 
 import tensorflow as tf
-import tf_keras as keras
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
-from tf_woodfisher.optimizers import GRDA  # noqa: E402
+if sys.argv[2:] == ["keras3"]:
+    import keras  # noqa: E402
+
+    from tf_woodfisher.keras3.optimizers import GRDA  # noqa: E402
+else:
+    import tf_keras as keras  # noqa: E402
+
+    from tf_woodfisher.optimizers import GRDA  # noqa: E402
 
 EPOCHS, GLOBAL_BATCH, SAMPLES = 3, 16, 64
 

@@ -52,8 +52,8 @@ def test_numpy_scalars_are_numbers_and_stored_as_python_values():
 
 
 def test_config_is_frozen_keyword_only_and_round_trips():
-    config = WoodFisherConfig(method="woodtaylor", sparsity_m_by_n=[2, 4], block_size=[1, 4])
-    assert config.sparsity_m_by_n == (2, 4) and config.block_size == (1, 4)
+    config = WoodFisherConfig(method="woodtaylor", sparsity_m_by_n=[2, 4], block_pooling_type="MAX")
+    assert config.sparsity_m_by_n == (2, 4) and WoodFisherConfig(block_size=[1, 4]).block_size == (1, 4)
     with pytest.raises(Exception):
         config.method = "magnitude"
     with pytest.raises(TypeError):
@@ -103,10 +103,15 @@ def test_every_entry_point_takes_the_config_and_overrides(rng):
     assert tfw.UpdatePruningStep(data, loss, config, num_gradients=8).overrides == {"num_gradients": 8}
 
 
-def test_structures_are_tfmot_options_not_yet_scored():
+def test_structures_are_tfmot_options():
     keras = tfw.keras
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8)])
     wrapped = tfw.prune_woodfisher(model, tfmot.sparsity.keras.ConstantSparsity(0.5, 0), block_size=(1, 1))
     assert next(layer for layer in wrapped.layers if isinstance(layer, tfw.PruneWoodFisher)).block_size == (1, 1)
-    with pytest.raises(NotImplementedError, match="structured sparsity"):
-        tfw.one_shot_prune(model, None, None, 0.5, method="magnitude", sparsity_m_by_n=(2, 4), verbose=0)
+    wrapped = tfw.prune_woodfisher(model, tfmot.sparsity.keras.ConstantSparsity(0.5, 0), sparsity_m_by_n=(2, 4))
+    assert next(layer for layer in wrapped.layers if isinstance(layer, tfw.PruneWoodFisher)).sparsity_m_by_n == (2, 4)
+    tfw.one_shot_prune(model, None, None, 0.5, method="magnitude", sparsity_m_by_n=(2, 4), verbose=0)
+    kernel = model.layers[0].kernel.numpy()  # [in, out]: every 4 consecutive inputs of an output hold 2 zeros
+    assert np.all((kernel.T.reshape(8, 2, 4) == 0).sum(axis=2) == 2)
+    with pytest.raises(ValueError, match=r"block_size=\(1, 4\) and sparsity_m_by_n=\(2, 4\) were both given"):
+        WoodFisherConfig(block_size=(1, 4), sparsity_m_by_n=(2, 4))

@@ -282,10 +282,12 @@ def test_bad_input(data, fisher):
     with pytest.raises(ValueError, match="damping must be a finite number > 0"):
         tfw.UpdatePruningStep(fisher, LOSS, damping=-1.0)
     wrapped = tfw.prune_woodfisher(model, tfw.OneShotSchedule(0.5))
+    rewrapped = tfw.prune_woodfisher(wrapped, tfw.OneShotSchedule(0.5))  # as tfmot: wrappers are used as they are
+    assert all(a is b for a, b in zip(rewrapped.layers, wrapped.layers))
     with pytest.raises(ValueError, match="already wrapped"):
-        tfw.prune_woodfisher(wrapped, tfw.OneShotSchedule(0.5))
+        tfw.prune_woodfisher(wrapped.layers[0], tfw.OneShotSchedule(0.5))  # a single wrapped layer
     with pytest.raises(ValueError, match="already wrapped"):
-        tfw.prune_woodfisher(sparsity_api.prune_low_magnitude(trained_mlp(data)), tfw.OneShotSchedule(0.5))
+        tfw.masks_from_zeros(sparsity_api.prune_low_magnitude(trained_mlp(data)))
 
     class Subclassed(keras.Model):
         def __init__(self):

@@ -29,6 +29,10 @@ def _missing(hook: str, module: str, error: Exception) -> CompatibilityError:
 def check_versions(*modules: str) -> list:
     """Warn (RuntimeWarning) for each of ``modules`` whose installed version differs from the one tested.
 
+    Args:
+        *modules: import names among ``'tensorflow'``, ``'tf_keras'``, ``'tensorflow_model_optimization'``,
+            ``'keras'`` (imported if not yet).
+
     Returns:
         The (module, installed, tested) triples that differ.
     """
@@ -53,6 +57,13 @@ def imported_as_parent(package: str) -> bool:
     ``import tf_woodfisher.fisher`` first runs ``tf_woodfisher/__init__.py``; importlib's
     ``_find_and_load_unlocked`` frames then hold the dotted name being imported. Used so that the core
     subpackages (and ``tf_woodfisher.keras3``) can be imported without the tfmot entry's side effects.
+
+    Args:
+        package: the dotted name of the package whose ``__init__`` is running (e.g. ``'tf_woodfisher'``).
+
+    Returns:
+        True when a submodule ``package.<name>`` is the import under way (the caller's frame and its
+        parents are inspected), False for a plain ``import package``.
     """
     frame = sys._getframe(1)
     while frame is not None:
@@ -70,7 +81,18 @@ def pfor_converter(op_type: str, make_converter: Callable[[Callable], Callable])
     """While tracing, replace TensorFlow's pfor converter of ``op_type`` by ``make_converter(original)``.
 
     The converter gets tfmot-independent ``pfor_input`` objects (TensorFlow's private
-    ``parallel_for.pfor`` API) and may call the original for cases it does not handle.
+    ``parallel_for.pfor`` API) and may call the original for cases it does not handle. The original
+    converter is restored on exit, also when the body raises.
+
+    Args:
+        op_type: the TensorFlow op name whose converter is replaced (e.g. ``'MatMul'``).
+        make_converter: called once with the original converter; returns the replacement converter.
+
+    Yields:
+        None, with the replacement registered for the duration of the ``with`` block.
+
+    Raises:
+        CompatibilityError: TensorFlow's private pfor registry is gone or has no converter for ``op_type``.
     """
     try:
         from tensorflow.python.ops.parallel_for import pfor
@@ -87,14 +109,90 @@ def pfor_converter(op_type: str, make_converter: Callable[[Callable], Callable])
 
 
 def pfor_wrap(tensor: Any, stacked: bool) -> Any:
-    """TensorFlow's private ``pfor.wrap``: the output of a pfor converter."""
+    """TensorFlow's private ``pfor.wrap``: the output of a pfor converter.
+
+    Args:
+        tensor: the converted ``tf.Tensor``; when ``stacked``, its leading axis is the pfor loop axis.
+        stacked: whether ``tensor`` holds one value per loop iteration (leading axis) or one shared value.
+
+    Returns:
+        The ``WrappedTensor`` a pfor converter returns.
+    """
     from tensorflow.python.ops.parallel_for import pfor
 
     return pfor.wrap(tensor, stacked)
 
 
+def function_definition(graph: Any, name: str) -> Any:
+    """The ``FunctionDef`` of the function ``name`` in ``graph``'s library, or None when the graph does not hold it.
+
+    Read with TensorFlow's private ``Graph._get_function``.
+
+    Args:
+        graph: a ``tf.Graph`` (a ``FuncGraph`` while tracing).
+        name: the function's name, as in a call op's ``f`` attribute.
+
+    Returns:
+        The ``FunctionDef`` protocol buffer, or None.
+
+    Raises:
+        CompatibilityError: TensorFlow's graphs no longer have ``_get_function``.
+    """
+    try:
+        function = graph._get_function(name)
+    except AttributeError as error:
+        raise _missing("function_definition", "tensorflow", error) from error
+    if function is None:
+        return None
+    return getattr(function, "definition", None) or getattr(function, "cached_definition", None)
+
+
+def keras_build_input_shape(model: Any) -> Any:
+    """The input shape a tf_keras model was built with by ``model.build(shape)``, or None.
+
+    Read from tf_keras' private ``_build_input_shape``.
+
+    Args:
+        model: a tf_keras model.
+
+    Returns:
+        The shape given to ``build`` (a shape, or a list / dict of them), or None when it was not built so.
+    """
+    return getattr(model, "_build_input_shape", None)
+
+
+def keras_compiled_loss_weights(model: Any) -> Any:
+    """The ``loss_weights`` given to a tf_keras ``model.compile``, or None.
+
+    Kept by its private ``LossesContainer`` as ``_user_loss_weights``.
+
+    Args:
+        model: a tf_keras model.
+
+    Returns:
+        The ``loss_weights`` (a list, a dict by output name, or None); None also for an uncompiled model.
+
+    Raises:
+        CompatibilityError: the model is compiled but its loss container no longer keeps them there.
+    """
+    container = getattr(model, "compiled_loss", None)
+    if container is None:
+        return None
+    try:
+        return container._user_loss_weights
+    except AttributeError as error:
+        raise _missing("keras_compiled_loss_weights", "tf_keras", error) from error
+
+
 def tfmot_pruning_classes() -> tuple[type, type]:
-    """(PruneLowMagnitude, Pruning): tfmot's wrapper class and its private mask-update object."""
+    """(PruneLowMagnitude, Pruning): tfmot's wrapper class and its private mask-update object.
+
+    Returns:
+        The pair of classes ``(PruneLowMagnitude, Pruning)``.
+
+    Raises:
+        CompatibilityError: the installed tfmot no longer has them where expected.
+    """
     try:
         from tensorflow_model_optimization.python.core.sparsity.keras import pruning_impl, pruning_wrapper
 
@@ -103,12 +201,50 @@ def tfmot_pruning_classes() -> tuple[type, type]:
         raise _missing("tfmot_pruning_classes", "tensorflow_model_optimization", error) from error
 
 
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its CPU kernels through oneDNN (``TF_ENABLE_ONEDNN_OPTS``, on by default on x86).
+
+    TensorFlow 2.21's oneDNN batch matmul corrupts memory or aborts on operands of rank ≥ 4 with a unit batch axis,
+    e.g. (32, 1, 2, 4) · (4, 5), which vectorised per-sample gradients of Keras 3 layers on sequences create
+    (see ``tf_woodfisher.keras3.oneshot``).
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError) as error:
+        raise _missing("onednn_enabled", "tensorflow", error) from error
+
+
+def keras3_build_shapes(layer: Any) -> Any:
+    """Keras 3's record of the input shapes a layer or subclassed model was built with, or None.
+
+    Args:
+        layer: a Keras 3 layer or model.
+
+    Returns:
+        Its private ``Layer._build_shapes_dict`` (argument name → shape), or None when it has none.
+    """
+    return getattr(layer, "_build_shapes_dict", None)
+
+
 def optimizer_slots(optimizer: Any, variable: Any) -> list:
     """The optimizer's per-weight state (momentum, Adam moments, ...) of ``variable``.
 
     tf_keras' legacy optimizers expose ``get_slot_names``/``get_slot``; the new ones (tf_keras and
     Keras 3) keep slots in ``optimizer.variables``, named after the variable, with its shape. For a Keras 3
     optimizer pass the Keras variable (its ``path`` names the slots), not its ``.value``.
+
+    Args:
+        optimizer: a tf_keras (legacy or new) or Keras 3 optimizer, or None.
+        variable: the trainable variable whose slots are wanted.
+
+    Returns:
+        The slot variables of ``variable``, each of ``variable``'s shape; empty when ``optimizer`` is None
+        or holds no state for it.
+
+    Raises:
+        CompatibilityError: a Keras 3 optimizer without the private ``_trainable_variables`` list.
     """
     if optimizer is None:
         return []
@@ -141,3 +277,42 @@ def _keras3_optimizer_slots(optimizer: Any, variable: Any) -> list:
     longer = [other for other in known if len(other) > len(prefix) and other.startswith(prefix)]
     return [v for v in optimizer.variables if v.name.startswith(prefix) and tuple(v.shape) == tuple(variable.shape)
             and not any(v.name.startswith(other) for other in longer)]
+
+
+@contextlib.contextmanager
+def capture_call_inputs(layer: Any, on_inputs: Callable[[Any], None]) -> Iterator[None]:
+    """While active, ``on_inputs(inputs)`` sees the first argument of every call of ``layer.call``.
+
+    tf_keras' ``Layer.__call__`` (and tfmot's wrapper, which calls ``self.layer.call``) look ``call`` up
+    on the instance at every call, so an instance attribute shadows the class's method; the original
+    state is restored on exit, also when the body raises. Used by the layer-wise methods
+    (:mod:`tf_woodfisher.tfmot.layerwise`) to read each layer's inputs during eager forward passes.
+
+    Args:
+        layer: a tf_keras layer (a sublayer of a model: MultiHeadAttention's EinsumDense, say).
+        on_inputs: called with the layer's input tensor (the first positional argument of ``call``).
+
+    Yields:
+        None, with the capture in place for the duration of the ``with`` block.
+
+    Raises:
+        CompatibilityError: the layer's ``call`` cannot be shadowed (no instance attributes).
+    """
+    had_own = "call" in vars(layer)
+    original = layer.call
+
+    def call(*args, **kwargs):
+        on_inputs(args[0] if args else kwargs.get("inputs"))
+        return original(*args, **kwargs)
+
+    try:
+        object.__setattr__(layer, "call", call)
+    except (AttributeError, TypeError) as error:
+        raise _missing("capture_call_inputs", "tf_keras", error) from error
+    try:
+        yield
+    finally:
+        if had_own:
+            object.__setattr__(layer, "call", original)
+        else:
+            object.__delattr__(layer, "call")

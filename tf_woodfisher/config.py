@@ -12,7 +12,9 @@ import numbers
 import warnings
 from typing import Any, Mapping
 
-METHODS = ("magnitude", "diagonal_fisher", "woodfisher", "woodtaylor")
+METHODS = ("magnitude", "diagonal_fisher", "woodfisher", "woodtaylor", "obc", "sparsegpt")
+LAYERWISE_METHODS = ("obc", "sparsegpt")  # post-training reconstruction from activations: no labels, no gradients
+RECONSTRUCTION_TARGETS = ("dense", "inputs")
 MODES = ("global", "layerwise")
 INVERSE_METHODS = ("woodfisher", "woodtaylor")  # those that factorise the inverse Fisher
 GRADIENT_DTYPES = ("float32", "float16", "bfloat16")
@@ -39,6 +41,13 @@ def _is_number(value: Any) -> bool:
 def validate_sparsity(value: Any, what: str = "target_sparsity") -> float:
     """``value`` as a float in [0, 1) (numpy scalars accepted).
 
+    Args:
+        value: the sparsity, a fraction of zeros (Python or numpy real number; bools refused).
+        what: the parameter's name, for the error message.
+
+    Returns:
+        ``value`` as a Python float in [0, 1).
+
     Raises:
         ValueError: naming ``what`` when ``value`` is not a number in [0, 1).
     """
@@ -53,7 +62,10 @@ class WoodFisherConfig:
 
     Args:
         method: ``'magnitude'`` (F = I), ``'diagonal_fisher'`` (score ½w²F_qq), ``'woodfisher'`` (OBS
-            score w²/(2[F⁻¹]_qq) and update δw = −F⁻¹u) or ``'woodtaylor'`` (adds the gradient term).
+            score w²/(2[F⁻¹]_qq) and update δw = −F⁻¹u), ``'woodtaylor'`` (adds the gradient term), or the
+            layer-wise reconstruction methods ``'obc'`` (exact greedy OBS per output row) and ``'sparsegpt'``
+            on H = 2XXᵀ/n of each layer's calibration inputs (:mod:`tf_woodfisher.tfmot.layerwise`; no labels,
+            no gradients: the Fisher fields, ``damping`` and ``steps`` do not apply to them).
         mode: ``'global'`` (one threshold over all pruned weights) or ``'layerwise'`` (each tensor at the target).
         num_gradients: number m of gradients in the empirical Fisher F = λI + (1/m)Σgᵢgᵢᵀ
             (old name ``num_samples``, still accepted as a keyword).
@@ -71,11 +83,25 @@ class WoodFisherConfig:
             ``None``: half of the memory available when the event is planned.
         shuffle_buffer: samples in the shuffle buffer of the Fisher data (0: read in order).
         seed: base seed of the Fisher samples; each event and step mixes its indices into it.
-        block_size: tfmot's sparsity block shape (r, c): weights are pruned in r × c blocks of a 2-D
-            kernel view. Only ``(1, 1)`` (unstructured) is implemented.
-        block_pooling_type: tfmot's pooling of a block's magnitudes, ``'AVG'`` or ``'MAX'``.
-        sparsity_m_by_n: tfmot's N:M pattern (n, m): n of every m consecutive weights kept;
-            ``None``: unstructured. Not implemented yet.
+        block_size: tfmot's sparsity block shape (r, c): 2-D weights are pruned in whole r × c blocks
+            (shorter at the edges), scored as groups (see :mod:`tf_woodfisher.pruning.structures`);
+            ``(1, 1)``: single weights.
+        block_pooling_type: tfmot's pooling of a block's per-weight scores for magnitude and diagonal
+            Fisher, ``'AVG'`` or ``'MAX'`` (the OBS methods score a block jointly and warn that it is unused).
+        sparsity_m_by_n: tfmot's N:M pattern (n, m): n **zeros** in every m consecutive weights along the
+            input-channel axis (tfmot's meaning: (2, 4) removes 2 of every 4), for 2-D and 4-D weights; it
+            fixes the sparsity at n/m. ``None``: no N:M pattern. Not combined with ``block_size``.
+        calibration_samples: ``obc``/``sparsegpt``: unlabelled inputs forwarded to build each layer's
+            H = 2XXᵀ/n (labels in the dataset are ignored).
+        percdamp: ``obc``/``sparsegpt``: damping of H as a fraction of mean(diag H) (SparseGPT's percdamp);
+            0 refuses a singular H (fewer input rows than the layer's input dimension) instead of damping it.
+        reconstruction_target: ``obc``/``sparsegpt``: what each layer's pruned weights Ŵ reproduce on its inputs
+            X̃ (which come from the layers pruned before it): ``'dense'`` the dense model's outputs XWᵀ of that
+            layer, correcting the upstream error (min ‖X̃Ŵᵀ − XWᵀ‖²); ``'inputs'`` its own dense weights on
+            the same inputs, as OBC and SparseGPT do (min ‖X̃(W − Ŵ)ᵀ‖²).
+        sequential: ``woodfisher`` with an int ``fisher_block_size``: remove weights one at a time inside each
+            explicit Fisher block with exact OBS updates and rank-1 downdates of the block inverse, the block of
+            the next removal chosen globally by least loss increase (:func:`tf_woodfisher.pruning.obs.sequential_obs`).
 
     Raises:
         ValueError: a field of the wrong type or out of range; the message names the field.
@@ -97,6 +123,10 @@ class WoodFisherConfig:
     block_size: tuple[int, int] = (1, 1)
     block_pooling_type: str = "AVG"
     sparsity_m_by_n: tuple[int, int] | None = None
+    calibration_samples: int = 512
+    percdamp: float = 0.01
+    reconstruction_target: str = "dense"
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -130,14 +160,39 @@ class WoodFisherConfig:
             if n >= m:
                 raise _error("sparsity_m_by_n", self.sparsity_m_by_n, "(n, m) with 0 < n < m")
             set_("sparsity_m_by_n", (n, m))
+            if self.block_size != (1, 1):
+                raise ValueError(f"block_size={self.block_size} and sparsity_m_by_n={(n, m)} were both given: tfmot "
+                                 "would silently ignore block_size; give one of them")
+        set_("calibration_samples", _positive_int("calibration_samples", self.calibration_samples))
+        if not (_is_number(self.percdamp) and math.isfinite(self.percdamp) and self.percdamp >= 0):
+            raise _error("percdamp", self.percdamp, "a finite number ≥ 0 (a fraction of mean(diag H))")
+        set_("percdamp", float(self.percdamp))
+        _choice("reconstruction_target", self.reconstruction_target, RECONSTRUCTION_TARGETS)
+        if not isinstance(self.sequential, bool):
+            raise _error("sequential", self.sequential, "True or False")
+        if self.sequential and (self.method != "woodfisher" or not _is_int(self.fisher_block_size) or not self.update):
+            raise ValueError(f"sequential=True is sequential OBS inside explicit Fisher blocks: it needs "
+                             f"method='woodfisher', an int fisher_block_size and update=True (got "
+                             f"method={self.method!r}, fisher_block_size={self.fisher_block_size!r}, "
+                             f"update={self.update})")
+        if self.sequential and self.structured:
+            raise ValueError("sequential=True removes single weights: it cannot be combined with block_size or "
+                             "sparsity_m_by_n")
+        if self.method in LAYERWISE_METHODS:
+            if self.steps != 1 or not self.update:
+                raise ValueError(f"method {self.method!r} prunes each layer once with its own reconstruction update: "
+                                 f"steps must be 1 and update True (got steps={self.steps}, update={self.update})")
+            if self.block_size != (1, 1):
+                raise ValueError(f"method {self.method!r} prunes single weights or N:M groups (sparsity_m_by_n); "
+                                 f"block_size={self.block_size} is not supported by it")
         if self.needs_inverse and self.num_gradients == 1:
             warnings.warn("num_gradients=1: the Fisher has rank one, so WoodFisher scores are barely better than "
                           "magnitude; use tens to thousands of gradients", RuntimeWarning, stacklevel=4)
 
     @property
     def needs_gradients(self) -> bool:
-        """Whether the method reads Fisher gradients (all but magnitude)."""
-        return self.method != "magnitude"
+        """Whether the method reads Fisher gradients (all but magnitude and the layer-wise methods)."""
+        return self.method not in ("magnitude",) + LAYERWISE_METHODS
 
     @property
     def needs_inverse(self) -> bool:
@@ -150,16 +205,44 @@ class WoodFisherConfig:
         return self.block_size != (1, 1) or self.sparsity_m_by_n is not None
 
     def replace(self, **overrides: Any) -> WoodFisherConfig:
-        """A copy with ``overrides`` applied (old keyword names resolved as in :func:`resolve_config`)."""
+        """A copy with ``overrides`` applied (old keyword names resolved as in :func:`resolve_config`).
+
+        Args:
+            **overrides: field values by name (``num_gradients=400``, ``method='magnitude'``, ...).
+
+        Returns:
+            The new, validated :class:`WoodFisherConfig` (``self`` when there is nothing to override).
+
+        Raises:
+            TypeError: an override is not a field (an old name whose meaning changed is named with its
+                replacement).
+            ValueError: a value out of range.
+        """
         return resolve_config(self, overrides)
 
     def to_dict(self) -> dict:
-        """The fields as a JSON-serialisable dict (tuples become lists)."""
+        """The fields as a JSON-serialisable dict (tuples become lists).
+
+        Returns:
+            A dict field name → value, the inverse of :meth:`from_dict`.
+        """
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> WoodFisherConfig:
-        """The inverse of :meth:`to_dict` (unknown keys raise TypeError naming them)."""
+        """The inverse of :meth:`to_dict` (unknown keys raise TypeError naming them).
+
+        Args:
+            values: field values by name, as written by :meth:`to_dict` (lists for ``block_size`` and
+                ``sparsity_m_by_n`` accepted); missing fields take their defaults.
+
+        Returns:
+            The validated :class:`WoodFisherConfig`.
+
+        Raises:
+            TypeError: a key that is not a field (or an old name whose meaning changed).
+            ValueError: a value out of range.
+        """
         values = dict(values)
         for name in ("block_size", "sparsity_m_by_n"):
             if isinstance(values.get(name), list):

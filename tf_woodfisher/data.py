@@ -30,7 +30,18 @@ _SPLIT_PREFIXES = {"train": ("train", "train-5k"), "test": ("t10k",)}
 
 
 def read_idx(path):
-    """Read one idx file (gzipped or not) into a NumPy array of its stored dtype and shape."""
+    """Read one idx file (gzipped or not) into a NumPy array of its stored dtype and shape.
+
+    Args:
+        path: the idx file (str); a name ending in ``.gz`` is read through gzip.
+
+    Returns:
+        The array, with the shape of the idx header and its element type (uint8, int8, big-endian
+        int16/int32/float32/float64).
+
+    Raises:
+        ValueError: a bad magic number, an unknown element type, or a size that does not match the header.
+    """
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()
@@ -64,7 +75,17 @@ def _find_split_files(folder, split):
 
 
 def mnist_folder(path=None):
-    """The local MNIST folder: ``path``, else ``$TFW_MNIST_DIR``, else None."""
+    """The local MNIST folder: ``path``, else ``$TFW_MNIST_DIR``, else None.
+
+    Args:
+        path: a folder, or None to read ``$TFW_MNIST_DIR``.
+
+    Returns:
+        The folder, or None when neither is set.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+    """
     folder = path or os.environ.get(MNIST_ENV_VAR)
     if folder and not os.path.isdir(folder):
         raise FileNotFoundError(f"MNIST folder {folder!r} does not exist")
@@ -75,6 +96,19 @@ def load_mnist_arrays(split="train", path=None):
     """Images (n, 28, 28) uint8 and labels (n,) int64 of one split ('train' or 'test').
 
     Reads the idx folder (``path`` or ``$TFW_MNIST_DIR``); without one, falls back to tfds.
+
+    Args:
+        split: 'train' (the official ``train-*`` files, else the 5k subset ``train-5k-*``) or 'test'
+            (``t10k-*``).
+        path: the idx folder, or None for ``$TFW_MNIST_DIR`` (then tfds when that is unset too).
+
+    Returns:
+        ``(images, labels)``: uint8 (n, 28, 28) and int64 (n,) labels 0 … 9.
+
+    Raises:
+        ValueError: a bad ``split``, an unreadable idx file, or different numbers of images and labels.
+        FileNotFoundError: the folder does not exist or lacks the split's idx files.
+        RuntimeError: no folder is given and tfds cannot provide MNIST.
     """
     if split not in _SPLIT_PREFIXES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -103,7 +137,16 @@ def _load_tfds(split):
 
 
 def normalize_images(images, flatten=False):
-    """uint8 images → float32 scaled to [0, 1] then (x − 0.1307)/0.3081; shape (n, 784) or (n, 28, 28, 1)."""
+    """uint8 images → float32 scaled to [0, 1] then (x − 0.1307)/0.3081; shape (n, 784) or (n, 28, 28, 1).
+
+    Args:
+        images: (n, 28, 28) uint8 pixel values 0 … 255.
+        flatten: return (n, 784) rows instead of (n, 28, 28, 1) NHWC images.
+
+    Returns:
+        float32 (n, 784) when ``flatten`` else (n, 28, 28, 1), normalised with :data:`MNIST_MEAN` and
+        :data:`MNIST_STD`.
+    """
     x = (images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
     return x.reshape(len(x), -1) if flatten else x[..., None]
 
@@ -112,6 +155,19 @@ def load_mnist(split="train", path=None, flatten=False, shuffle_seed=None):
     """Normalised MNIST as NumPy arrays ``(x, y)``; x is (n, 784) when ``flatten`` else (n, 28, 28, 1).
 
     ``shuffle_seed`` permutes the rows (the 5k subset is stored sorted by class).
+
+    Args:
+        split: 'train' or 'test'.
+        path: the idx folder (see :func:`load_mnist_arrays`), or None for ``$TFW_MNIST_DIR`` / tfds.
+        flatten: x as (n, 784) rows instead of (n, 28, 28, 1) images.
+        shuffle_seed: permute the rows with ``np.random.default_rng(shuffle_seed)``; None keeps the
+            stored order.
+
+    Returns:
+        ``x``: float32 (n, 784) or (n, 28, 28, 1), (x/255 − 0.1307)/0.3081; ``y``: int64 (n,) labels 0 … 9.
+
+    Raises:
+        ValueError, FileNotFoundError, RuntimeError: as :func:`load_mnist_arrays`.
     """
     images, labels = load_mnist_arrays(split, path)
     return _shuffled(normalize_images(images, flatten), labels, shuffle_seed)
@@ -126,7 +182,20 @@ def _shuffled(x, y, seed):
 
 
 def mnist_dataset(split="train", path=None, flatten=False, shuffle_seed=None):
-    """The same as :func:`load_mnist`, as an unbatched ``tf.data.Dataset`` of (image, label)."""
+    """The same as :func:`load_mnist`, as an unbatched ``tf.data.Dataset`` of (image, label).
+
+    Args:
+        split: 'train' or 'test'.
+        path: the idx folder, or None for ``$TFW_MNIST_DIR`` / tfds.
+        flatten: images as (784,) float32 vectors instead of (28, 28, 1).
+        shuffle_seed: permute the samples once with this seed; None keeps the stored order.
+
+    Returns:
+        An unbatched ``tf.data.Dataset`` of (float32 image, int64 label) pairs.
+
+    Raises:
+        ValueError, FileNotFoundError, RuntimeError: as :func:`load_mnist_arrays`.
+    """
     import tensorflow as tf
 
     return tf.data.Dataset.from_tensor_slices(load_mnist(split, path, flatten, shuffle_seed))
@@ -369,7 +438,14 @@ def _load_cifar10_tfds(split):
 
 
 def normalize_cifar10(images):
-    """uint8 images (n, 32, 32, 3) → float32 (x/255 − 0.5)/0.5, in [−1, 1] (the reference ResNet-20's input)."""
+    """uint8 images (n, 32, 32, 3) → float32 (x/255 − 0.5)/0.5, in [−1, 1] (the reference ResNet-20's input).
+
+    Args:
+        images: (n, 32, 32, 3) uint8 NHWC pixel values 0 … 255 (any array-like).
+
+    Returns:
+        float32 (n, 32, 32, 3) in [−1, 1].
+    """
     return (np.asarray(images, dtype=np.float32) / 255.0 - CIFAR10_MEAN) / CIFAR10_STD
 
 
@@ -395,7 +471,20 @@ def load_cifar10(split="train", path=None, shuffle_seed=None, verify=True):
 
 
 def cifar10_dataset(split="train", path=None, shuffle_seed=None, verify=True):
-    """The same as :func:`load_cifar10`, as an unbatched ``tf.data.Dataset`` of (image, label)."""
+    """The same as :func:`load_cifar10`, as an unbatched ``tf.data.Dataset`` of (image, label).
+
+    Args:
+        split: 'train' or 'test'.
+        path: the folder (see :func:`load_cifar10_arrays`), or None for ``$TFW_CIFAR10_DIR`` / tfds.
+        shuffle_seed: permute the samples once with this seed; None keeps the official order.
+        verify: md5-check the files.
+
+    Returns:
+        An unbatched ``tf.data.Dataset`` of (float32 (32, 32, 3) image in [−1, 1], int64 label) pairs.
+
+    Raises:
+        ValueError, FileNotFoundError, RuntimeError: as :func:`load_cifar10_arrays`.
+    """
     import tensorflow as tf
 
     return tf.data.Dataset.from_tensor_slices(load_cifar10(split, path, shuffle_seed, verify))

@@ -4,47 +4,127 @@ import numpy as np
 from tf_woodfisher import legacy_keras  # noqa: F401, I001  (first: TF_USE_LEGACY_KERAS=1 before TensorFlow)
 import tf_keras as keras
 
-MLPNET_KEYS = ("fc1_kernel", "fc2_kernel", "fc3_kernel")
+from tf_woodfisher import architectures  # the builders, shared with tf_woodfisher.keras3.models
+from tf_woodfisher.architectures import MLPNET_KEYS  # noqa: F401
 
 
 def mlpnet(weights=None):
     """The authors' MLPNet: 784 → 40 → 20 → 10, ReLU, no biases; outputs logits.
 
-    ``weights``: path of the reference ``.npz`` (keys fc1_kernel, fc2_kernel, fc3_kernel) or None.
+    Args:
+        weights: path of the reference ``.npz`` (keys fc1_kernel, fc2_kernel, fc3_kernel) or None for an
+            untrained model (Keras' default initialisers).
+
+    Returns:
+        A built ``tf_keras.Sequential`` named 'mlpnet' (layers fc1, fc2, fc3): (n, 784) float32 → (n, 10) logits.
+
+    Raises:
+        ValueError: ``weights`` lacks one of the three kernels.
     """
-    model = keras.Sequential(
-        [
-            keras.Input((784,)),
-            keras.layers.Dense(40, activation="relu", use_bias=False, name="fc1"),
-            keras.layers.Dense(20, activation="relu", use_bias=False, name="fc2"),
-            keras.layers.Dense(10, use_bias=False, name="fc3"),
-        ],
-        name="mlpnet",
-    )
-    if weights is not None:
-        with np.load(weights) as arrays:
-            missing = [k for k in MLPNET_KEYS if k not in arrays]
-            if missing:
-                raise ValueError(f"{weights} lacks the MLPNet arrays {missing}")
-            model.set_weights([arrays[k] for k in MLPNET_KEYS])
-    return model
+    return architectures.mlpnet(keras, weights)
 
 
 def small_cnn(num_classes=10, input_shape=(28, 28, 1)):
-    """Two Conv2D and two Dense layers (≈ 0.1M parameters) for 28×28 images; outputs logits."""
-    return keras.Sequential(
-        [
-            keras.Input(input_shape),
-            keras.layers.Conv2D(16, 3, activation="relu", name="conv1"),
-            keras.layers.MaxPooling2D(name="pool1"),
-            keras.layers.Conv2D(32, 3, activation="relu", name="conv2"),
-            keras.layers.MaxPooling2D(name="pool2"),
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(128, activation="relu", name="fc1"),
-            keras.layers.Dense(num_classes, name="fc2"),
-        ],
-        name="small_cnn",
-    )
+    """Two Conv2D and two Dense layers (≈ 0.1M parameters) for 28×28 images; outputs logits.
+
+    Args:
+        num_classes: outputs of the Dense head.
+        input_shape: (height, width, channels) of one image.
+
+    Returns:
+        An untrained, built ``tf_keras.Sequential`` named 'small_cnn' (conv1, conv2, fc1, fc2):
+        (n, *input_shape) float32 → (n, num_classes) logits.
+    """
+    return architectures.small_cnn(keras, num_classes, input_shape)
+
+
+def _prunable_layer_base():
+    """tfmot's ``PrunableLayer`` (so that ``prune_low_magnitude`` accepts the layers below), imported late."""
+    from tensorflow_model_optimization.python.core.sparsity.keras.prunable_layer import PrunableLayer
+
+    return PrunableLayer
+
+
+@keras.utils.register_keras_serializable(package="tf_woodfisher")
+class PositionEmbedding(keras.layers.Layer, _prunable_layer_base()):
+    """Adds a learned (tokens, width) position embedding to (n, tokens, width) inputs; never pruned
+    (``get_prunable_weights()`` is empty, for tf_woodfisher and tfmot alike)."""
+
+    def build(self, input_shape):
+        self.embedding = self.add_weight("embedding", (int(input_shape[1]), int(input_shape[2])),
+                                         initializer=keras.initializers.RandomNormal(stddev=0.02))
+        super().build(input_shape)
+
+    def call(self, inputs):
+        return inputs + self.embedding
+
+    def get_prunable_weights(self):
+        return []
+
+
+def vit_tiny(num_classes=10, input_shape=(28, 28, 1), patch_size=7, width=64, depth=2, heads=4, mlp_dim=128):
+    """A tiny Vision Transformer for 28×28 images; outputs logits.
+
+    Non-overlapping ``patch_size`` patches (a strided Conv2D: 7×7 → 16 tokens for MNIST) embedded to ``width``,
+    a learned position embedding, ``depth`` pre-norm blocks (LayerNorm → ``heads``-head MultiHeadAttention →
+    residual; LayerNorm → Dense ``mlp_dim`` GELU → Dense ``width`` → residual), a final LayerNorm, the mean
+    over tokens and a Dense head. Prunable: the patch embedding, the four attention kernels and the two MLP
+    kernels of each block, and the head (≈ 69k weights with the defaults).
+
+    Args:
+        num_classes: outputs of the head.
+        input_shape: (height, width, channels) of one image (each side a multiple of ``patch_size``).
+        patch_size: side of the square patches.
+        width: token width. depth: transformer blocks. heads: attention heads (key size width // heads).
+        mlp_dim: hidden units of each block's MLP.
+
+    Returns:
+        An untrained, built functional ``tf_keras.Model`` named 'vit_tiny': (n, *input_shape) float32 →
+        (n, num_classes) logits. Layer names: patch_embed, position, block{i}_norm1, block{i}_attention,
+        block{i}_norm2, block{i}_mlp1, block{i}_mlp2, norm, head.
+
+    Raises:
+        ValueError: an image side that is not a multiple of ``patch_size``, or ``width`` not divisible by ``heads``.
+    """
+    if input_shape[0] % patch_size or input_shape[1] % patch_size:
+        raise ValueError(f"input_shape {input_shape} is not a whole number of {patch_size}×{patch_size} patches")
+    if width % heads:
+        raise ValueError(f"width={width} is not divisible by heads={heads}")
+    L = keras.layers
+    inputs = keras.Input(input_shape)
+    tokens = (input_shape[0] // patch_size) * (input_shape[1] // patch_size)
+    h = L.Conv2D(width, patch_size, strides=patch_size, name="patch_embed")(inputs)
+    h = PositionEmbedding(name="position")(L.Reshape((tokens, width), name="tokens")(h))
+    for i in range(depth):
+        a = L.LayerNormalization(epsilon=1e-6, name=f"block{i}_norm1")(h)
+        a = L.MultiHeadAttention(heads, width // heads, name=f"block{i}_attention")(a, a)
+        h = L.Add(name=f"block{i}_add1")([h, a])
+        m = L.LayerNormalization(epsilon=1e-6, name=f"block{i}_norm2")(h)
+        m = L.Dense(mlp_dim, activation="gelu", name=f"block{i}_mlp1")(m)
+        m = L.Dense(width, name=f"block{i}_mlp2")(m)
+        h = L.Add(name=f"block{i}_add2")([h, m])
+    h = L.GlobalAveragePooling1D(name="pool")(L.LayerNormalization(epsilon=1e-6, name="norm")(h))
+    return keras.Model(inputs, L.Dense(num_classes, name="head")(h), name="vit_tiny")
+
+
+def lstm_rows(num_classes=10, input_shape=(28, 28, 1), units=64):
+    """An LSTM over the rows of an image (MNIST: 28 steps of 28 features); outputs logits.
+
+    Args:
+        num_classes: outputs of the Dense head.
+        input_shape: (rows, columns, 1) of one image.
+        units: LSTM units (not unrolled: the per-sample Fisher gradients go through its while_loop).
+
+    Returns:
+        An untrained, built ``tf_keras.Sequential`` named 'lstm_rows' (rows, lstm, head):
+        (n, *input_shape) float32 → (n, num_classes) logits.
+    """
+    return keras.Sequential([
+        keras.Input(input_shape),
+        keras.layers.Reshape(input_shape[:2], name="rows"),
+        keras.layers.LSTM(units, name="lstm"),
+        keras.layers.Dense(num_classes, name="head"),
+    ], name="lstm_rows")
 
 
 def _resnet_basic_block(x, filters, stride, name):
@@ -61,8 +141,19 @@ def _resnet_basic_block(x, filters, stride, name):
 
 
 def resnet20(num_classes=10, input_shape=(32, 32, 3)):
-    """ResNet-20 for CIFAR-shaped input (He et al. 2016, §4.2): 3 stages × 3 basic blocks of 16/32/64
-    filters, projection shortcuts, global average pooling, a Dense head (≈ 0.27M parameters); logits."""
+    """ResNet-20 for CIFAR-shaped input (He et al. 2016, §4.2); outputs logits.
+
+    3 stages × 3 basic blocks of 16/32/64 filters, projection shortcuts, global average pooling, a Dense
+    head (≈ 0.27M parameters). For the authors' model and reference weights see :func:`resnet20_cifar`.
+
+    Args:
+        num_classes: outputs of the Dense head.
+        input_shape: (height, width, channels) of one image.
+
+    Returns:
+        An untrained, built ``tf_keras.Model`` named 'resnet20': (n, *input_shape) float32 →
+        (n, num_classes) logits.
+    """
     inputs = keras.Input(input_shape)
     h = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="conv1")(inputs)
     h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn1")(h))
@@ -216,7 +307,15 @@ def load_npz_weights(model, weights):
 
 
 def save_npz_weights(model, path):
-    """Write every variable of ``model`` to ``path`` (an ``.npz``) keyed as :func:`named_weights`."""
+    """Write every variable of ``model`` to ``path`` (an ``.npz``) keyed as :func:`named_weights`.
+
+    Args:
+        model: a built, unwrapped tf_keras model.
+        path: the ``.npz`` file to write (``np.savez`` appends ``.npz`` when the name lacks it).
+
+    Raises:
+        ValueError: two variables would get the same key (see :func:`named_weights`).
+    """
     np.savez(path, **{k: v.numpy() for k, v in named_weights(model).items()})
 
 

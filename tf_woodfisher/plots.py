@@ -22,9 +22,18 @@ def _finish(figure, path):
 def plot_layer_sparsity(layers, path=None, title="Per-layer sparsity"):
     """Bar chart of the sparsity of each pruned tensor.
 
-    layers: a :class:`PruningReport`, its ``layers``, or a mapping name → sparsity in [0, 1]
-    (e.g. an event of ``tfw.UpdatePruningStep().events``: ``event['layers']``). path: file to write.
-    Returns the matplotlib Figure.
+    Args:
+        layers: a :class:`~tf_woodfisher.pruning.report.PruningReport`, its ``layers``, or a mapping
+            name → sparsity in [0, 1] (e.g. an event of ``tfw.UpdatePruningStep().events``:
+            ``event['layers']``).
+        path: file to write (120 dpi; the format follows the extension), or None to write nothing.
+        title: the axes' title.
+
+    Returns:
+        The matplotlib Figure (sparsity in % per tensor).
+
+    Raises:
+        ImportError: matplotlib is not installed (the ``plot`` extra).
     """
     if hasattr(layers, "layers"):
         layers = layers.layers
@@ -42,9 +51,18 @@ def plot_layer_sparsity(layers, path=None, title="Per-layer sparsity"):
 def plot_accuracy_vs_sparsity(curves, path=None, title="Accuracy against sparsity", dense_accuracy=None):
     """Line plot of accuracy (%) against sparsity (%), one line per method.
 
-    curves: mapping method name → list of (sparsity, accuracy) or (sparsity, accuracy, sd) tuples, with
-    sparsity and accuracy as fractions. dense_accuracy: optional horizontal reference line.
-    Returns the matplotlib Figure.
+    Args:
+        curves: mapping method name → list of (sparsity, accuracy) or (sparsity, accuracy, sd) tuples, with
+            sparsity and accuracy as fractions (sd drawn as error bars).
+        path: file to write (120 dpi; the format follows the extension), or None to write nothing.
+        title: the axes' title.
+        dense_accuracy: optional horizontal reference line, a fraction.
+
+    Returns:
+        The matplotlib Figure.
+
+    Raises:
+        ImportError: matplotlib is not installed (the ``plot`` extra).
     """
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 4))

@@ -20,20 +20,147 @@ from tf_woodfisher.fisher.grams import BlockGrams, partial_sums
 from tf_woodfisher.fisher.memory import default_chunk
 
 
-def looks_batched(dataset: tf.data.Dataset, input_rank: Optional[int] = None) -> bool:
-    """Whether ``dataset`` yields batches rather than single samples.
+def _input_ranks(dataset) -> list:
+    """Ranks of the input tensors x of one element of ``dataset`` (None where unknown)."""
+    spec = dataset.element_spec
+    inputs = spec[0] if isinstance(spec, tuple) else spec
+    return [s.shape.rank for s in tf.nest.flatten(inputs)]
+
+
+def looks_batched(dataset: tf.data.Dataset, input_rank=None) -> bool:
+    """Whether ``dataset`` yields batches rather than single samples, told from the model's input ranks.
 
     Args:
-        dataset: yields (x, y) or (x, y, sample_weight); x may be a nest (its first tensor decides).
-        input_rank: rank of one model input including the batch axis (e.g. 4 for images), when known:
-            then the dataset is batched iff its first tensor has that rank. None: batched iff the
-            leading dimension is unknown (``Dataset.batch`` without ``drop_remainder``).
+        dataset: yields (x, y) or (x, y, sample_weight); x may be a nest of tensors.
+        input_rank: rank (batch axis included, e.g. 4 for images) of the model's input, or a sequence with
+            the rank of each of its inputs. The dataset is batched iff the ranks of x's tensors are these
+            ranks, unbatched iff they are one less. ``Dataset.batch(..., drop_remainder=True)`` and
+            subclassed models are told apart like any other.
+
+    Returns:
+        True when the dataset's elements are batches.
+
+    Raises:
+        TypeError: ``dataset`` is not a plain ``tf.data.Dataset`` (a distributed dataset, an array, ...).
+        ValueError: it cannot be told: the model's input ranks or the dataset's are unknown, or they fit
+            neither case (the message says which, and to pass ``batched=True`` or ``False``).
     """
     _require_dataset(dataset)
-    first = tf.nest.flatten(dataset.element_spec)[0]
-    if input_rank is not None:
-        return first.shape.rank == input_rank
-    return first.shape.rank is not None and first.shape.rank > 0 and first.shape[0] is None
+    ranks = _input_ranks(dataset)
+    expected = None if input_rank is None else sorted([input_rank] if isinstance(input_rank, int) else input_rank)
+    if expected is None or None in expected:
+        raise ValueError("cannot tell whether the Fisher dataset yields batches or single samples: the model does "
+                         "not say the rank of its inputs (build it by calling it on data, or give it an Input); "
+                         "pass batched=True or batched=False")
+    if None in ranks:
+        raise ValueError(f"cannot tell whether the Fisher dataset yields batches or single samples: the rank of its "
+                         f"inputs is unknown ({dataset.element_spec}); pass batched=True or batched=False")
+    if len(ranks) == len(expected):
+        if sorted(ranks) == expected:
+            return True
+        if sorted(r + 1 for r in ranks) == expected:
+            return False
+    raise ValueError(f"the Fisher dataset's inputs have ranks {ranks}, but the model's inputs have ranks {expected} "
+                     "with the batch axis (one less for single samples): the dataset does not fit the model; if it "
+                     "does, pass batched=True or batched=False")
+
+
+def resolve_batched(dataset: tf.data.Dataset, batched: Optional[bool], input_rank=None) -> bool:
+    """``batched`` as the user gave it, else :func:`looks_batched`.
+
+    Args:
+        dataset: the Fisher ``tf.data.Dataset``.
+        batched: True, False, or None (tell it from ``input_rank``).
+        input_rank: as in :func:`looks_batched`.
+
+    Returns:
+        Whether ``dataset`` yields batches.
+
+    Raises:
+        TypeError: ``batched`` is not a bool or None, or ``dataset`` is not a ``tf.data.Dataset``.
+        ValueError: ``batched`` is None and it cannot be told, or ``batched`` contradicts the ranks.
+    """
+    if batched is None:
+        return looks_batched(dataset, input_rank)
+    if not isinstance(batched, bool):
+        raise TypeError(f"batched must be True, False or None, got {batched!r}")
+    _require_dataset(dataset)
+    try:
+        told = looks_batched(dataset, input_rank)
+    except ValueError:
+        return batched
+    if told != batched:
+        raise ValueError(f"batched={batched}, but the Fisher dataset's input ranks {_input_ranks(dataset)} say it "
+                         f"yields {'batches' if told else 'single samples'} for this model")
+    return batched
+
+
+def has_sample_weights(dataset: tf.data.Dataset) -> bool:
+    """Whether ``dataset`` yields (x, y, sample_weight) triples.
+
+    Args:
+        dataset: a ``tf.data.Dataset``.
+
+    Returns:
+        True when its elements are 3-tuples.
+    """
+    spec = dataset.element_spec
+    return isinstance(spec, tuple) and len(spec) == 3
+
+
+def sample_weighted(loss_fn: Callable) -> Callable:
+    """The loss of labels ``(y_true, sample_weight)``: each sample's loss times its weight.
+
+    A group's gradient is then that of its weighted mean loss, (1/b)·Σᵢ wᵢ·lossᵢ, Keras' convention
+    (divided by the number of samples, not by the sum of the weights): a zero weight removes a sample's
+    contribution, and all-zero weights give a zero gradient. If ``loss_fn`` has a method
+    ``with_sample_weight(y_true, y_pred, sample_weight) → (n,)`` (the Keras adapters' losses do, applying
+    per-timestep and per-output weights as Keras does), it is used; otherwise the per-sample losses are
+    multiplied by the weights, which must then be one per sample, shape (n,) or (n, 1).
+
+    Args:
+        loss_fn: (y_true, y_pred) → per-sample losses (n,).
+
+    Returns:
+        ``weighted((y_true, sample_weight), y_pred) → (n,)``; without ``with_sample_weight`` it raises
+        ValueError for weights that are not one per sample.
+    """
+    apply = getattr(loss_fn, "with_sample_weight", None)
+
+    def weighted(labels, y_pred):
+        y_true, weights = labels
+        if apply is not None:
+            return apply(y_true, y_pred, weights)
+        losses = loss_fn(y_true, y_pred)
+        weights = tf.cast(weights, losses.dtype)
+        if weights.shape.rank == 2 and weights.shape[1] == 1:
+            weights = weights[:, 0]
+        if weights.shape.rank != 1:
+            raise ValueError(f"sample weights of shape {weights.shape.as_list()}: with a loss that gives one value per "
+                             "sample, give one weight per sample, shape (n,) or (n, 1)")
+        return losses * weights
+
+    weighted.weighted_loss_of = loss_fn
+    return weighted
+
+
+def fisher_loss(loss_fn: Callable, dataset: Optional[tf.data.Dataset]) -> Callable:
+    """The loss the gradients of ``dataset`` are taken of.
+
+    :func:`sample_weighted` ``loss_fn`` when the dataset yields sample weights (then :func:`fisher_batches`
+    gives labels ``(y, sample_weight)``), else ``loss_fn`` itself. Compile gradient functions for such a
+    dataset with this loss.
+
+    Args:
+        loss_fn: (y_true, y_pred) → per-sample losses (n,), or None (magnitude pruning).
+        dataset: the Fisher ``tf.data.Dataset``, or None.
+
+    Returns:
+        The loss to differentiate (``loss_fn`` itself when there are no sample weights or it is None).
+    """
+    if dataset is not None and has_sample_weights(dataset) and loss_fn is not None:
+        return sample_weighted(loss_fn)
+    return loss_fn
 
 
 def _require_dataset(dataset):
@@ -46,9 +173,27 @@ def fisher_batches(dataset: tf.data.Dataset, batched: bool, num_gradients: int, 
                    chunk_gradients: int, seed: int, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> tf.data.Dataset:
     """A dataset of chunks (x, y) with x shaped (chunk_gradients, fisher_batch_size, ...).
 
-    ``dataset`` yields (x, y) or (x, y, sample_weight), batched (``batched=True``) or not; samples
-    are shuffled with ``seed`` in a buffer of ``shuffle_buffer`` (0: no shuffling) and
-    num_gradients × fisher_batch_size of them are used.
+    Samples are shuffled with ``seed`` in a buffer of ``shuffle_buffer`` (0: no shuffling) and
+    num_gradients × fisher_batch_size of them are used. Sample weights are kept with the labels: a
+    dataset of (x, y, sample_weight) gives chunks (x, (y, sample_weight)), whose gradients are those of
+    the :func:`fisher_loss` of the loss.
+
+    Args:
+        dataset: a ``tf.data.Dataset`` yielding (x, y) or (x, y, sample_weight), batched or not.
+        batched: whether ``dataset`` yields batches (they are unbatched first).
+        num_gradients: m, the number of gradients (groups of samples) to read.
+        fisher_batch_size: samples per group (averaged into one gradient).
+        chunk_gradients: groups per chunk (the last chunk may hold fewer).
+        seed: the shuffle seed.
+        shuffle_buffer: samples in the shuffle buffer; 0 reads in order.
+
+    Returns:
+        A ``tf.data.Dataset`` of (x, y) chunks, x of shape (≤ chunk_gradients, fisher_batch_size, ...) and
+        y (or (y, sample_weight)) likewise; incomplete groups are dropped.
+
+    Raises:
+        TypeError: ``dataset`` is not a plain ``tf.data.Dataset``.
+        ValueError: its elements are not (x, y) or (x, y, sample_weight) tuples.
     """
     _require_dataset(dataset)
     spec = dataset.element_spec
@@ -56,7 +201,8 @@ def fisher_batches(dataset: tf.data.Dataset, batched: bool, num_gradients: int, 
         raise ValueError(f"the Fisher dataset must yield (x, y) or (x, y, sample_weight) tuples, got {spec}")
     if batched:
         dataset = dataset.unbatch()
-    dataset = dataset.map(lambda x, y, *_: (x, y))
+    if len(spec) == 3:
+        dataset = dataset.map(lambda x, y, w: (x, (y, w)))  # labels with weights: see sample_weighted
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     return (
@@ -107,6 +253,35 @@ def _conv2d_filter_gradient(pfor_input, fallback):
     return compat.pfor_wrap(tf.reshape(kernels, [n, kh, kw, channels, filters]), True)
 
 
+def _matmul_of_rows(pfor_input, fallback):
+    """pfor converter of BatchMatMulV2 that keeps TensorFlow's batch matmuls at rank ≤ 3: oneDNN (TensorFlow 2.21
+    on CPU) corrupts memory or aborts on some of rank ≥ 4 (e.g. (32, 1, 2, 4) · (4, 5)), which vectorising a
+    group's gradient creates from Keras 3's Dense, EinsumDense and MultiHeadAttention on sequences (they call
+    ``tf.matmul`` on rank-3 and rank-4 tensors). The same numbers from:
+
+    * per-group inputs times one 2-D weight, x (n, ..., k) · W (k, m): one 2-D matmul of the flattened rows;
+    * two per-group operands of rank ≥ 4 (attention scores): their batch axes, broadcast to one shape, flattened
+      into one, a rank-3 batch matmul.
+
+    Other cases go to ``fallback``."""
+    x, x_stacked, _ = pfor_input.input(0)
+    y, y_stacked, _ = pfor_input.input(1)
+    adj_x, adj_y = pfor_input.get_attr("adj_x"), pfor_input.get_attr("adj_y")
+    if x.shape.rank is None or y.shape.rank is None:
+        return fallback(pfor_input)
+    if x_stacked and not y_stacked and y.shape.rank == 2 and x.shape.rank >= 3 and not adj_x:
+        rows = tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), y, transpose_b=adj_y)
+        return compat.pfor_wrap(tf.reshape(rows, tf.concat([tf.shape(x)[:-1], tf.shape(rows)[-1:]], 0)), True)
+    if x_stacked and y_stacked and min(x.shape.rank, y.shape.rank) >= 4:
+        batch = tf.broadcast_dynamic_shape(tf.shape(x)[:-2], tf.shape(y)[:-2])
+        x = tf.broadcast_to(x, tf.concat([batch, tf.shape(x)[-2:]], 0))
+        y = tf.broadcast_to(y, tf.concat([batch, tf.shape(y)[-2:]], 0))
+        product = tf.matmul(tf.reshape(x, tf.concat([[-1], tf.shape(x)[-2:]], 0)),
+                            tf.reshape(y, tf.concat([[-1], tf.shape(y)[-2:]], 0)), adjoint_a=adj_x, adjoint_b=adj_y)
+        return compat.pfor_wrap(tf.reshape(product, tf.concat([batch, tf.shape(product)[-2:]], 0)), True)
+    return fallback(pfor_input)
+
+
 GradientFn = Callable[[object, object], tuple]
 
 
@@ -114,21 +289,51 @@ def make_gradient_fn(forward: Callable, variables: Sequence[tf.Variable], loss_f
     """A compiled function (x, y) of shape (g, b, ...) → a tuple, per variable, of its (g, size) flat
     float32 gradients of each group's mean loss.
 
+    The gradients are vectorised over the groups (``tf.vectorized_map``). TensorFlow's vectorisation
+    cannot convert while loops reliably (the loops of LSTM, GRU, SimpleRNN and ``RNN`` layers that are
+    not unrolled, a custom ``tf.while_loop``): their gradients fail to convert and their forward passes can
+    fail at run time. When the traced forward graph of one group holds such a loop (looking into the
+    functions it calls), the gradients are instead computed group by group with ``tf.map_fn`` (up to
+    :data:`LOOPED_PARALLEL_ITERATIONS` groups at once), in the same compiled call; the vectorised
+    conversion is then never attempted. Models without loops trace exactly as before.
+
     Args:
         forward: inputs → outputs in inference mode (e.g. ``lambda x: model(x, training=False)``).
         variables: the weights to differentiate.
         loss_fn: (y_true, y_pred) → per-sample losses of shape (n,).
-    """
 
-    def one_group(group):
+    Returns:
+        ``fn(x, y)``: x, y of shape (g, b, ...) (g groups of b samples) → a tuple with, per variable, a
+        (g, size) float32 tensor, row i the flat gradient of the mean loss of group i. Traced once for
+        any g (Conv2D filter gradients as one batched matmul). Its attribute ``looped`` (set when it
+        traces) is True when the forward holds a while_loop and the rows come from ``tf.map_fn``.
+    """
+    variables = list(variables)
+
+    def group_gradients(group, found_loops=None):
         x, y = group
+        graph = tf.compat.v1.get_default_graph()
+        start = len(graph.get_operations())
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(variables)
             group_loss = tf.reduce_mean(loss_fn(y, forward(x)))
+        if found_loops is not None and has_while_loop(graph, graph.get_operations()[start:]):
+            found_loops.append(True)
+            return (tf.zeros([], tf.float32),)  # depends on nothing: vectorized_map converts none of the loop
         grads = tape.gradient(group_loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return tuple(tf.reshape(tf.cast(tf.convert_to_tensor(g), tf.float32), [-1]) for g in grads)
 
-    compiled = tf.function(lambda x, y: tf.vectorized_map(one_group, (x, y)))
+    def rows(x, y):
+        found_loops = []
+        vectorised = tf.vectorized_map(lambda group: group_gradients(group, found_loops), (x, y))
+        gradients.looped = bool(found_loops)
+        if not found_loops:
+            return vectorised
+        signature = tuple(tf.TensorSpec([int(v.shape.num_elements())], tf.float32) for v in variables)
+        return tf.map_fn(group_gradients, (x, y), fn_output_signature=signature,
+                         parallel_iterations=LOOPED_PARALLEL_ITERATIONS)
+
+    compiled = tf.function(rows)
 
     def gradients(x, y):
         any_chunk = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), (x, y))
@@ -137,11 +342,72 @@ def make_gradient_fn(forward: Callable, variables: Sequence[tf.Variable], loss_f
                                    lambda original: lambda pfor_input: _conv2d_filter_gradient(pfor_input, original)):
             return compiled.get_concrete_function(*any_chunk)(x, y)
 
+    gradients.looped = None
     return gradients
 
 
+LOOPED_PARALLEL_ITERATIONS = 16  # groups of a tf.map_fn (looped variables) computed concurrently
+_LOOP_OPS = frozenset({"While", "StatelessWhile"})
+_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall", "If", "StatelessIf", "Case", "StatelessCase"})
+
+
+def _function_names(node_attrs):
+    """Names of the functions referenced by a node's attributes (call targets, loop bodies, branches)."""
+    for value in node_attrs.values():
+        if value.func.name:
+            yield value.func.name
+        yield from (f.name for f in value.list.func)
+
+
+def _has_loop(graph, op_type, node_attrs, seen):
+    """Whether a node of ``op_type`` (an op, or a call of a library function) holds a while_loop,
+    looking into the functions it calls (once each: ``seen`` caches their answers); ``node_attrs()``
+    gives its attributes (read only for call and branch ops)."""
+    if op_type in _LOOP_OPS:
+        return True
+    names = list(_function_names(node_attrs())) if op_type in _CALL_OPS else []
+    if compat.function_definition(graph, op_type) is not None:
+        names.append(op_type)  # a FunctionDef node may call a library function by name
+    for name in names:
+        if name not in seen:
+            seen[name] = False  # recursion guard
+            definition = compat.function_definition(graph, name)
+            seen[name] = definition is None or any(
+                _has_loop(graph, node.op, lambda node=node: node.attr, seen) for node in definition.node_def)
+        if seen[name]:
+            return True
+    return False
+
+
+@tf.autograph.experimental.do_not_convert  # plain Python over the graph: called while tracing, never converted
+def has_while_loop(graph, ops) -> bool:
+    """Whether any of ``ops`` (of ``graph``) is a while_loop or calls a function that holds one.
+
+    Args:
+        graph: the graph the ops are in (its function library is searched).
+        ops: ``tf.Operation`` objects, e.g. those one group's forward pass created.
+
+    Returns:
+        True when a ``While``/``StatelessWhile`` op is found, directly or inside a called function (a
+        function whose definition cannot be found counts as holding one).
+    """
+    seen = {}
+    return any(_has_loop(graph, op.type, lambda op=op: op.node_def.attr, seen) for op in ops)
+
+
 def check_loss(forward: Callable, loss_fn: Callable, x, y) -> None:
-    """Raise ValueError unless ``loss_fn(y, forward(x))`` gives one finite loss per sample of the batch x."""
+    """Raise ValueError unless ``loss_fn(y, forward(x))`` gives one finite loss per sample of the batch x.
+
+    Args:
+        forward: inputs → outputs in inference mode.
+        loss_fn: (y_true, y_pred) → per-sample losses of shape (n,).
+        x: a batch of n model inputs (a tensor or nest; its first tensor gives n).
+        y: the n labels.
+
+    Raises:
+        ValueError: the loss raises, does not have shape (n,) (a Keras loss object needs ``reduction='none'``),
+            or is NaN or infinite.
+    """
     try:
         value = loss_fn(y, forward(x))
     except Exception as error:  # Keras raises ValueError, TF InvalidArgumentError, user code anything
@@ -155,7 +421,20 @@ def check_loss(forward: Callable, loss_fn: Callable, x, y) -> None:
 
 
 def first_sample(dataset: tf.data.Dataset, batched: bool):
-    """The first (x, y) of ``dataset`` as a batch of one; ValueError if the dataset yields nothing."""
+    """The first (x, y) of ``dataset`` as a batch of one; ValueError if the dataset yields nothing.
+
+    Args:
+        dataset: a ``tf.data.Dataset`` of (x, y) or (x, y, sample_weight), batched or not.
+        batched: whether ``dataset`` yields batches.
+
+    Returns:
+        ``(x, y)`` with a leading batch axis of 1, read in order (no shuffling); y is
+        ``(y, sample_weight)`` for a dataset with sample weights (check it with :func:`fisher_loss`).
+
+    Raises:
+        TypeError: ``dataset`` is not a plain ``tf.data.Dataset``.
+        ValueError: the dataset is empty or its elements are not (x, y) tuples.
+    """
     first = next(iter(fisher_batches(dataset, batched, 1, 1, 1, seed=0, shuffle_buffer=0)), None)
     if first is None:
         raise ValueError("the Fisher dataset is empty: it yields no (x, y) samples")
@@ -163,23 +442,43 @@ def first_sample(dataset: tf.data.Dataset, batched: bool):
 
 
 def collect_gradients(*args, **kwargs) -> tf.Tensor:
-    """The (num_gradients, d) matrix of masked gradients, d = total size of ``variables``: the columns
-    of :func:`collect_gradient_columns` (same arguments) side by side."""
+    """The (num_gradients, d) matrix of masked gradients, d = total size of ``variables``.
+
+    The columns of :func:`collect_gradient_columns` (same arguments) side by side.
+
+    Args:
+        *args: the positional arguments of :func:`collect_gradient_columns`.
+        **kwargs: its keyword arguments (``reduce_blocks`` must leave every variable collected).
+
+    Returns:
+        The (num_gradients, d) tensor of the requested ``dtype`` (default float32).
+
+    Raises:
+        ValueError: as :func:`collect_gradient_columns`.
+    """
     return tf.concat(collect_gradient_columns(*args, **kwargs), axis=1)
 
 
 def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients, fisher_batch_size=1, mask=None,
                              seed=0, shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, chunk_gradients=None, on_chunk=None,
                              executor=None, dtype=tf.float32, reduce_blocks=None, batched=None, gradient_fn=None):
-    """Masked gradients as one (num_gradients, size) matrix per variable, assembled one variable at a
-    time (never two copies of all of them).
+    """Masked gradients as one (num_gradients, size) matrix per variable.
+
+    Assembled one variable at a time (never two copies of all of them).
 
     Args:
-        forward: inputs → outputs in inference mode. variables: the weights to differentiate.
-        dataset: a ``tf.data.Dataset`` of (x, y) or (x, y, sample_weight).
+        forward: inputs → outputs in inference mode.
+        variables: the weights to differentiate (d = their total size).
+        dataset: a ``tf.data.Dataset`` of (x, y) or (x, y, sample_weight) (each row is then the gradient of
+            its group's weighted mean loss, see :func:`sample_weighted`).
         loss_fn: (y_true, y_pred) → per-sample losses (n,).
-        num_gradients: m rows; fisher_batch_size: samples averaged into each row.
+        num_gradients: m rows (divisible by the executor's number of replicas).
+        fisher_batch_size: samples averaged into each row.
         mask: optional flat (d,) 0/1 tensor multiplied into every row.
+        seed: the shuffle seed of the Fisher samples.
+        shuffle_buffer: samples in the shuffle buffer (0: read in order).
+        chunk_gradients: rows computed per compiled call (rounded down to a multiple of the replicas, at
+            least one per replica); None: :func:`~tf_woodfisher.fisher.memory.default_chunk`.
         on_chunk: progress hook, called with the rows done so far.
         executor: a :mod:`distributed` executor (default: that of the current ``tf.distribute`` strategy);
             with R replicas each chunk's samples are split across them and the rows all-gathered, so
@@ -189,15 +488,17 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
         reduce_blocks: optional list, per variable, of None (collect its rows) or a block size c: then each
             replica sums its gradients' c × c block Gram matrices over all its chunks, the sums are
             all-reduced once at the end, and that variable's entry is a :class:`BlockGrams`.
-        batched: whether ``dataset`` yields batches (None: :func:`looks_batched` without a model rank).
-        gradient_fn: the compiled :func:`make_gradient_fn` of (forward, variables, loss_fn), to reuse
-            one across events (None: compiled here).
+        batched: whether ``dataset`` yields batches (required: this module knows no model; adapters tell it
+            from the model's input ranks with :func:`resolve_batched`; None raises ValueError).
+        gradient_fn: the compiled :func:`make_gradient_fn` of (forward, variables, fisher_loss(loss_fn,
+            dataset)), to reuse one across events (None: compiled here).
 
     Returns:
         A list, per variable, of a (num_gradients, size) tensor of ``dtype`` or a :class:`BlockGrams`.
 
     Raises:
-        ValueError: the dataset is too small, the loss does not fit, or a gradient is not finite.
+        ValueError: the dataset is too small, the loss does not fit, or a gradient is not finite;
+            num_gradients or fisher_batch_size < 1, or num_gradients not divisible by the replicas.
     """
     if num_gradients < 1 or fisher_batch_size < 1:
         raise ValueError(f"num_gradients and fisher_batch_size must be ≥ 1, got {num_gradients}, {fisher_batch_size}")
@@ -208,7 +509,8 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
     dim = sum(sizes)
     chunk_gradients = chunk_gradients or default_chunk(dim, num_gradients)
     chunk_gradients = max(replicas, chunk_gradients // replicas * replicas)
-    batched = looks_batched(dataset) if batched is None else batched
+    batched = resolve_batched(dataset, batched)
+    loss_fn = fisher_loss(loss_fn, dataset)
     batches = fisher_batches(dataset, batched, num_gradients, fisher_batch_size, chunk_gradients, seed, shuffle_buffer)
     gradient_fn = gradient_fn or make_gradient_fn(forward, variables, loss_fn)
     masks = [None] * len(sizes) if mask is None else tf.split(mask, sizes)

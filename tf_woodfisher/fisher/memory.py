@@ -1,5 +1,6 @@
-"""Memory planner of a pruning event: byte estimates of the gradients and of every block group, and
-the plan that keeps them under ``max_memory``.
+"""Memory planner of a pruning event: byte estimates, and the plan that keeps them under ``max_memory``.
+
+The estimates are of the gradients and of every block group.
 
 The estimates count the engine's large buffers: the m × d gradients (one matrix per weight tensor),
 one chunk of per-sample gradient rows, each block group's factorisation workspace and what the
@@ -35,7 +36,11 @@ class MemoryBudgetError(ValueError):
 
 
 def available_memory():
-    """Bytes of memory available to this process now (MemAvailable of /proc/meminfo, else free pages)."""
+    """Bytes of memory available to this process now (MemAvailable of /proc/meminfo, else free pages).
+
+    Returns:
+        The available memory in bytes (an int).
+    """
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -50,6 +55,17 @@ def parse_bytes(value):
     """Bytes from an int, a float, or a string such as '4GB', '4 GiB' or '512MB'; None → the default.
 
     The default is MEMORY_FRACTION of :func:`available_memory`.
+
+    Args:
+        value: a positive number of bytes, a string of a number and a unit (B, kB/MB/GB/TB decimal,
+            KiB/MiB/GiB/TiB binary, case-insensitive; no unit: bytes), or None.
+
+    Returns:
+        The number of bytes, as an int.
+
+    Raises:
+        ValueError: a string that is not a number with a known unit, a non-positive or non-finite number,
+            a bool or another type.
     """
     if value is None:
         return int(MEMORY_FRACTION * available_memory())
@@ -65,27 +81,62 @@ def parse_bytes(value):
 
 
 def format_bytes(count):
-    """'6.53 GB', '412 MB' (decimal units, as ``max_memory`` strings)."""
+    """'6.53 GB', '412 MB' (decimal units, as ``max_memory`` strings).
+
+    Args:
+        count: a number of bytes.
+
+    Returns:
+        The count in GB with two decimals from 1 GB on, else in whole MB.
+    """
     return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
 
 
 def default_chunk(dim, num_gradients):
-    """Gradients per chunk so that one chunk's rows (rows × dim float32, CHUNK_COPIES times) stay near CHUNK_BYTES."""
+    """Gradients per chunk so that one chunk's rows (rows × dim float32, CHUNK_COPIES times) stay near CHUNK_BYTES.
+
+    Args:
+        dim: d, entries per gradient.
+        num_gradients: m, the number of gradients of the event.
+
+    Returns:
+        The rows per chunk, an int in [1, min(m, MAX_CHUNK_ROWS)].
+    """
     return int(np.clip(CHUNK_BYTES // (4 * dim * CHUNK_COPIES), 1, min(num_gradients, MAX_CHUNK_ROWS)))
 
 
 def collection_bytes(dim, num_gradients, itemsize):
-    """Peak bytes while the (num_gradients, dim) gradients are collected: the rows so far and one chunk."""
+    """Peak bytes while the (num_gradients, dim) gradients are collected: the rows so far and one chunk.
+
+    Args:
+        dim: d, entries per gradient.
+        num_gradients: m, the number of gradients.
+        itemsize: bytes per stored gradient entry (4 float32, 2 float16/bfloat16).
+
+    Returns:
+        Bytes: CHUNK_COPIES float32 copies of one chunk plus the m × d stored gradients.
+    """
     return 4 * CHUNK_COPIES * default_chunk(dim, num_gradients) * dim + num_gradients * dim * itemsize
 
 
 def group_bytes(form, num_blocks, m, c, itemsize, copied=True):
     """(workspace, kept, viewed) bytes of factorising K = num_blocks blocks of c entries from m gradients.
 
-    copied: the blocks (K, m, c) are a copy of the gradients (twice while transposed), not a view.
-    Low-rank: then L⁻¹G (K, m, c), the gram and its factor (K, m, m); it keeps the blocks, the factor
-    and the diagonal (viewed: the gradients its views keep alive). Explicit: F, L and L⁻¹ (K, c, c);
-    it keeps L⁻¹ and the diagonal.
+    Low-rank: the workspace holds L⁻¹G (K, m, c), the gram and its factor (K, m, m); it keeps the blocks,
+    the factor and the diagonal (viewed: the gradients its views keep alive). Explicit: F, L and L⁻¹
+    (K, c, c); it keeps L⁻¹ and the diagonal.
+
+    Args:
+        form: ``'lowrank'`` or ``'explicit'`` (see :func:`~tf_woodfisher.fisher.blocks.choose_form`).
+        num_blocks: K, blocks in the group.
+        m: number of gradients.
+        c: entries per block.
+        itemsize: bytes per entry in the inverse's dtype (4 float32, 8 float64).
+        copied: the blocks (K, m, c) are a copy of the gradients (twice while transposed), not a view.
+
+    Returns:
+        ``(workspace, kept, viewed)`` in bytes: the peak workspace of the factorisation, what the inverse
+        keeps afterwards, and the gradient bytes its views keep alive (0 unless low-rank and not copied).
     """
     blocks = num_blocks * m * c
     gathered = 2 * blocks if copied else 0
@@ -98,9 +149,22 @@ def group_bytes(form, num_blocks, m, c, itemsize, copied=True):
 
 
 def inverse_bytes(segment_sizes, block_size, m, itemsize, views=True):
-    """(peak, kept, viewed) bytes of the inverse of tensors of ``segment_sizes`` entries, built group by
-    group, largest blocks first (as InverseFisher does). views: blocks that are whole tensors are views
-    of their gradients (given per tensor, in the inverse's dtype), one group each, never copies."""
+    """(peak, kept, viewed) bytes of the inverse of tensors of ``segment_sizes`` entries.
+
+    Built group by group, largest blocks first (as InverseFisher does).
+
+    Args:
+        segment_sizes: entries of each tensor.
+        block_size: the Fisher block size: None, an int or ``'model'``.
+        m: number of gradients.
+        itemsize: bytes per entry in the inverse's dtype.
+        views: blocks that are whole tensors are views of their gradients (given per tensor, in the
+            inverse's dtype), one group each, never copies.
+
+    Returns:
+        ``(peak, kept, viewed)`` in bytes: the peak while building, what the inverse keeps, and the gradient
+        bytes its views keep alive.
+    """
     peak = kept = viewed = 0
     groups = group_sizes(segment_sizes, block_size)
     for c in sorted(groups, reverse=True):
@@ -115,7 +179,21 @@ def inverse_bytes(segment_sizes, block_size, m, itemsize, views=True):
 
 @dataclasses.dataclass(frozen=True)
 class EventShape:
-    """What the planner needs to know about a pruning event."""
+    """What the planner needs to know about a pruning event.
+
+    Attributes:
+        segment_sizes: entries of each prunable tensor, in order.
+        num_gradients: m.
+        fisher_block_size: None, an int or ``'model'``.
+        gradient_dtype: storage of the gradients (``'float32'``, ``'float16'``, ``'bfloat16'``).
+        inverse_dtype: of the inverse (``'float32'``, ``'float64'``).
+        needs_inverse: WoodFisher / WoodTaylor.
+        needs_update: the OBS update reads the inverse again after the scores.
+        needs_moments: the mean (WoodTaylor) or mean square (diagonal Fisher) of the gradients.
+
+    Raises:
+        ValueError: an unknown ``gradient_dtype`` or ``inverse_dtype``.
+    """
 
     segment_sizes: tuple  # entries of each prunable tensor, in order
     num_gradients: int  # m
@@ -134,19 +212,37 @@ class EventShape:
 
     @property
     def dim(self):
+        """d, the total entries of the prunable tensors."""
         return int(sum(self.segment_sizes))
 
     @property
     def vector_bytes(self):
+        """Bytes of the event's flat (d,) vectors: VECTOR_BYTES_PER_WEIGHT × d."""
         return VECTOR_BYTES_PER_WEIGHT * self.dim
 
     def gradient_bytes(self, begin=0, end=None):
-        """Bytes of the stored gradients of tensors [begin, end)."""
+        """Bytes of the stored gradients of tensors [begin, end).
+
+        Args:
+            begin: index of the first tensor.
+            end: index past the last tensor (None: to the end).
+
+        Returns:
+            m × (their entries) × the gradient dtype's itemsize, in bytes.
+        """
         return self.num_gradients * int(sum(self.segment_sizes[begin:end])) * GRADIENT_DTYPES[self.gradient_dtype]
 
     def stage_bytes(self, begin, end):
-        """(peak, kept) bytes of the stage of tensors [begin, end): collection, then gradients + inverse;
-        kept: what its inverse holds (views of its gradients included) once the stage is done."""
+        """(peak, kept) bytes of the stage of tensors [begin, end): collection, then gradients + inverse.
+
+        Args:
+            begin: index of the stage's first tensor.
+            end: index past its last tensor.
+
+        Returns:
+            ``(peak, kept)`` in bytes; kept: what its inverse holds (views of its gradients included) once
+            the stage is done (0 without an inverse).
+        """
         sizes = self.segment_sizes[begin:end]
         dim, m = int(sum(sizes)), self.num_gradients
         collect = collection_bytes(dim, m, GRADIENT_DTYPES[self.gradient_dtype])
@@ -161,10 +257,15 @@ class EventShape:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
-    """How one event runs. stages: (begin, end) ranges of consecutive tensors, each one gradient pass.
+    """How one event runs.
 
-    keep_inverse: the stages' inverses are kept from the scores to the update (else their gradients
-    are recomputed and the inverse rebuilt). peak_bytes: the estimate, max_memory: the budget.
+    Attributes:
+        stages: (begin, end) ranges of consecutive tensors, each one gradient pass.
+        keep_inverse: the stages' inverses are kept from the scores to the update (else their gradients
+            are recomputed and the inverse rebuilt).
+        peak_bytes: the estimate of the peak, in bytes.
+        max_memory: the budget, in bytes.
+        shape: the :class:`EventShape` planned.
     """
 
     stages: tuple
@@ -175,6 +276,7 @@ class MemoryPlan:
 
     @property
     def streamed(self):
+        """Whether the event runs in more than one stage."""
         return len(self.stages) > 1
 
     @property
@@ -213,7 +315,14 @@ def _greedy_stages(shape, budget, keep):
 
 
 def leanest_bytes(shape):
-    """The smallest peak of any plan: one tensor per stage (the whole model for fisher_block_size='model')."""
+    """The smallest peak of any plan: one tensor per stage (the whole model for fisher_block_size='model').
+
+    Args:
+        shape: the :class:`EventShape`.
+
+    Returns:
+        The peak in bytes, the flat vectors included.
+    """
     if shape.fisher_block_size == "model":
         return shape.vector_bytes + shape.stage_bytes(0, len(shape.segment_sizes))[0]
     return shape.vector_bytes + max(shape.stage_bytes(i, i + 1)[0] for i in range(len(shape.segment_sizes)))
@@ -222,9 +331,19 @@ def leanest_bytes(shape):
 def plan_memory(shape, max_memory=None):
     """The cheapest :class:`MemoryPlan` of ``shape`` (an :class:`EventShape`) within ``max_memory``.
 
-    max_memory: bytes or a string ('4GB'); None: MEMORY_FRACTION of the available memory. Plans, in
-    order of cost: one pass; stages keeping their inverses; stages recomputing gradients for the
-    update. Raises MemoryBudgetError (with the numbers and the settings that would fit) if none fits.
+    Plans, in order of cost: one pass; stages keeping their inverses; stages recomputing gradients for
+    the update.
+
+    Args:
+        shape: the :class:`EventShape` of the event.
+        max_memory: bytes or a string ('4GB'); None: MEMORY_FRACTION of the available memory.
+
+    Returns:
+        The first :class:`MemoryPlan` that fits.
+
+    Raises:
+        MemoryBudgetError: no plan fits (the message gives the numbers and the settings that would fit).
+        ValueError: a bad ``max_memory`` (see :func:`parse_bytes`).
     """
     budget = parse_bytes(max_memory)
     count = len(shape.segment_sizes)

@@ -10,7 +10,12 @@ backward pass over all g·b samples record, per rule layer and per call, ``x`` a
 
 (in inference mode samples do not interact, so ``dL/dz`` of each sample is that sample's own gradient,
 already divided by b), and the g per-group weight gradients are formed by contractions that sum over the b
-samples of a group inside the matmul/einsum: per-sample gradients are never materialised when b > 1.
+samples of a group inside the contraction: per-sample gradients are never materialised when b > 1.
+Dense, EinsumDense, pointwise kernels and LocallyConnected: one batched einsum over (group, samples ×
+positions). Convolutions (plain, grouped, transposed, depthwise): for groups of b ≥ 2 samples,
+TensorFlow's own kernel-gradient op (Conv2DBackpropFilter, ...) run once per group on the group's samples
+in a ``tf.map_fn`` over groups; for b = 1, one batched contraction per kernel offset (faster there).
+Embedding: the output gradients scattered into per-group rows.
 
 Capture: while the gradient function traces (and only then), each rule layer's ``call`` is replaced on the
 instance by a function that computes the linear output explicitly with TensorFlow ops, watches it on the
@@ -36,7 +41,7 @@ import tensorflow as tf
 
 __all__ = ["make_rule_gradient_fn", "rule_coverage", "RULE_CLASSES"]
 
-_IM2COL_DEPTH = 128  # a convolution with prod(kernel) × in-channels ≤ this contracts one patch matrix, else per offset
+_LOOP_MIN_GROUP = 2  # groups of ≥ this many samples: per-group native kernel-gradient ops in a loop over groups
 
 
 class _Unsupported(Exception):
@@ -67,6 +72,10 @@ def _key(v):
         return v.ref()
     except AttributeError:
         return id(v)
+
+
+def _size(v):
+    return math.prod(int(d) for d in tuple(v.shape))
 
 
 def _static(shape):
@@ -156,14 +165,13 @@ def _channel_sum(dz, groups):
 
 
 def _conv_kernel_gradient(x_padded, dz, cfg, conv_groups, groups):
-    """Per-group kernel gradient (g, *kernel_size, C/G, O) of z = conv(x) from the padded input and dz."""
+    """Per-group kernel gradient (g, K, C/G, O) of z = conv(x) from the padded input and dz: one batched
+    contraction per kernel offset (K = prod(kernel_size)) of the strided input window with dz. (On CPU
+    this beats one contraction of the concatenated patches, even for few input channels.)"""
     out_sizes = dz.shape[1:-1].as_list()
     channels, filters = x_padded.shape[-1], dz.shape[-1]
-    count = math.prod(cfg["kernel_size"])
     windows = _windows(x_padded, cfg["kernel_size"], cfg["strides"], cfg["dilations"], out_sizes)
-    if conv_groups == 1 and count * channels <= _IM2COL_DEPTH:
-        result = _group_matmul(tf.concat(list(windows), axis=-1), dz, groups)  # (g, K·C, O)
-    elif conv_groups == 1:
+    if conv_groups == 1:
         d = tf.reshape(_f32(dz), [groups, -1, filters])
         result = tf.stack([tf.einsum("gpc,gpo->gco", tf.reshape(_f32(w), [groups, -1, channels]), d)
                            for w in windows], axis=1)  # (g, K, C, O)
@@ -186,8 +194,33 @@ def _depthwise_kernel_gradient(x_padded, dz, cfg, multiplier, groups):
                     axis=1)
 
 
+def _looped_kernel_gradient(linear, kernel_shape, x, dz, groups):
+    """Per-group kernel gradient of z = linear(x, kernel) by TensorFlow's own kernel-gradient op (e.g.
+    Conv2DBackpropFilter), run once per group on that group's b samples in a loop over the groups: the op
+    sums over the group's samples itself. For groups of several samples this beats the per-offset
+    contractions, which read the input once per kernel offset."""
+    kernel_shape = [int(d) for d in kernel_shape]
+    xs = tf.reshape(_f32(x), [groups, -1] + x.shape[1:].as_list())
+    ds = tf.reshape(_f32(dz), [groups, -1] + dz.shape[1:].as_list())
+
+    def one(pair):
+        xg, dg = pair
+        kernel = tf.zeros(kernel_shape, tf.float32)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(kernel)
+            z = linear(xg, kernel)
+        return tape.gradient(z, kernel, output_gradients=dg)
+
+    return tf.map_fn(one, (xs, ds), fn_output_signature=tf.TensorSpec(kernel_shape, tf.float32))
+
+
+def _looped(group_size):
+    return group_size is None or group_size >= _LOOP_MIN_GROUP
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Rules. forward(layer, inputs, trace) → (outputs, record); gradients(layer, record, grads, groups) → {attr: (g, …)}
+# Rules. forward(layer, inputs, trace) → (outputs, record);
+# gradients(layer, record, grads, groups, group_size) → {attr: (g, …)}
 
 
 class _Record:
@@ -245,7 +278,7 @@ class _Dense(_Rule):
             outputs = tf.nn.bias_add(outputs, trace.read(layer, "bias"))
         return _apply_activation(layer, outputs), _Record([z], x=x)
 
-    def gradients(self, layer, record, grads, groups):
+    def gradients(self, layer, record, grads, groups, group_size):
         (dz,) = grads
         result = {"kernel": _group_matmul(record.saved["x"], dz, groups)}
         if _bias_of(layer) is not None:
@@ -293,7 +326,7 @@ class _EinsumDense(_Rule):
             outputs = outputs + trace.read(layer, "bias")
         return _apply_activation(layer, outputs), _Record([z], x=x)
 
-    def gradients(self, layer, record, grads, groups):
+    def gradients(self, layer, record, grads, groups, group_size):
         (dz,) = grads
         x = _f32(record.saved["x"])
         dz32 = _f32(dz)
@@ -364,11 +397,17 @@ class _Conv(_Rule):
             outputs = tf.nn.bias_add(outputs, trace.read(layer, "bias"))
         return _apply_activation(layer, outputs), _Record([z], x=x, pads=pads, cfg=cfg)
 
-    def gradients(self, layer, record, grads, groups):
+    def gradients(self, layer, record, grads, groups, group_size):
         (dz,) = grads
         s = record.saved
-        x = _pad(s["x"], s["pads"])
-        result = {"kernel": _conv_kernel_gradient(x, dz, s["cfg"], int(getattr(layer, "groups", 1) or 1), groups)}
+        x, cfg = _pad(s["x"], s["pads"]), s["cfg"]
+        if _looped(group_size):
+            kernel = _looped_kernel_gradient(
+                lambda xg, k: tf.nn.convolution(xg, k, strides=cfg["strides"], padding="VALID",
+                                                dilations=cfg["dilations"]), layer.kernel.shape, x, dz, groups)
+        else:
+            kernel = _conv_kernel_gradient(x, dz, cfg, int(getattr(layer, "groups", 1) or 1), groups)
+        result = {"kernel": kernel}
         if _bias_of(layer) is not None:
             result["bias"] = _channel_sum(dz, groups)
         return result
@@ -422,11 +461,19 @@ class _ConvTranspose(_Rule):
         pads = _explicit_pads(out_spatial, spatial, dict(cfg, dilations=(1,) * cfg["rank"]))
         return _apply_activation(layer, outputs), _Record([z], x=x, pads=pads, cfg=cfg)
 
-    def gradients(self, layer, record, grads, groups):
+    def gradients(self, layer, record, grads, groups, group_size):
         (dz,) = grads
         s = record.saved
-        # dK[k, o, c] = Σ_p dz_padded[p·s + k, o] · x[p, c]: the forward convolution's geometry on dz.
-        result = {"kernel": _conv_kernel_gradient(_pad(dz, s["pads"]), s["x"], s["cfg"], 1, groups)}
+        cfg = s["cfg"]
+        if _looped(group_size):
+            out_tail = dz.shape[1:].as_list()
+            kernel = _looped_kernel_gradient(
+                lambda xg, k: tf.nn.conv_transpose(xg, k, tf.concat([tf.shape(xg)[:1], out_tail], axis=0),
+                                                   strides=cfg["strides"], padding=cfg["padding"].upper()),
+                layer.kernel.shape, s["x"], dz, groups)
+        else:  # dK[k, o, c] = Σ_p dz_padded[p·s + k, o] · x[p, c]: the forward convolution's geometry on dz
+            kernel = _conv_kernel_gradient(_pad(dz, s["pads"]), s["x"], cfg, 1, groups)
+        result = {"kernel": kernel}
         if _bias_of(layer) is not None:
             result["bias"] = _channel_sum(dz, groups)
         return result
@@ -463,11 +510,25 @@ def _depthwise_checks(layer, x, cfg):
         raise _Unsupported("unequal depthwise strides")
 
 
+def _depthwise_attr(layer):
+    """tf_keras names a depthwise convolution's kernel ``depthwise_kernel``, Keras 3 ``kernel``."""
+    return "depthwise_kernel" if getattr(layer, "depthwise_kernel", None) is not None else "kernel"
+
+
+def _depthwise_gradient(layer, saved, dz, groups, group_size):
+    x, cfg = _pad(saved["x"], saved["pads"]), saved["cfg"]
+    shape = getattr(layer, _depthwise_attr(layer)).shape
+    if _looped(group_size):
+        valid = dict(cfg, padding="valid")
+        return _looped_kernel_gradient(lambda xg, k: _depthwise_forward(xg, k, valid)[0], shape, x, dz, groups)
+    return _depthwise_kernel_gradient(x, dz, cfg, int(shape[-1]), groups)
+
+
 class _DepthwiseConv(_Rule):
     name = "depthwise_conv"
     classes = ("DepthwiseConv1D", "DepthwiseConv2D")
     call_owners = classes + ("DepthwiseConv", "BaseDepthwiseConv")
-    attributes = ("depthwise_kernel", "bias")
+    attributes = ("depthwise_kernel", "kernel", "bias")
 
     def static_reason(self, layer):
         reason = super().static_reason(layer)
@@ -479,19 +540,17 @@ class _DepthwiseConv(_Rule):
         cfg = _conv_config(layer)
         x = _compute_cast(layer, inputs)
         _depthwise_checks(layer, x, cfg)
-        z, pads = _depthwise_forward(x, trace.read(layer, "depthwise_kernel"), cfg)
+        z, pads = _depthwise_forward(x, trace.read(layer, _depthwise_attr(layer)), cfg)
         trace.watch(z)
         outputs = z
         if _bias_of(layer) is not None:
             outputs = tf.nn.bias_add(outputs, trace.read(layer, "bias"))
         return _apply_activation(layer, outputs), _Record([z], x=x, pads=pads, cfg=cfg)
 
-    def gradients(self, layer, record, grads, groups):
+    def gradients(self, layer, record, grads, groups, group_size):
         (dz,) = grads
         s = record.saved
-        multiplier = int(layer.depthwise_kernel.shape[-1])
-        result = {"depthwise_kernel": _depthwise_kernel_gradient(_pad(s["x"], s["pads"]), dz, s["cfg"], multiplier,
-                                                                 groups)}
+        result = {_depthwise_attr(layer): _depthwise_gradient(layer, s, dz, groups, group_size)}
         if _bias_of(layer) is not None:
             result["bias"] = _channel_sum(dz, groups)
         return result
@@ -529,12 +588,10 @@ class _SeparableConv(_Rule):
             outputs = tf.nn.bias_add(outputs, trace.read(layer, "bias"))
         return _apply_activation(layer, outputs), _Record([u, z], x=x, u=u, pads=pads, cfg=cfg)
 
-    def gradients(self, layer, record, grads, groups):
+    def gradients(self, layer, record, grads, groups, group_size):
         du, dz = grads
         s = record.saved
-        multiplier = int(layer.depthwise_kernel.shape[-1])
-        result = {"depthwise_kernel": _depthwise_kernel_gradient(_pad(s["x"], s["pads"]), du, s["cfg"], multiplier,
-                                                                 groups),
+        result = {"depthwise_kernel": _depthwise_gradient(layer, s, du, groups, group_size),
                   "pointwise_kernel": _group_matmul(s["u"], dz, groups)}
         if _bias_of(layer) is not None:
             result["bias"] = _channel_sum(dz, groups)
@@ -569,7 +626,7 @@ class _Embedding(_Rule):
             outputs = tf.cast(outputs, compute)
         return outputs, _Record([out], ids=ids)
 
-    def gradients(self, layer, record, grads, groups):
+    def gradients(self, layer, record, grads, groups, group_size):
         (dout,) = grads
         vocabulary, width = (int(d) for d in layer.embeddings.shape)
         ids = tf.reshape(tf.cast(record.saved["ids"], tf.int64), [groups, -1])
@@ -633,7 +690,7 @@ class _LocallyConnected(_Rule):
             outputs = outputs + trace.read(layer, "bias")
         return _apply_activation(layer, outputs), _Record([z], **saved)
 
-    def gradients(self, layer, record, grads, groups):
+    def gradients(self, layer, record, grads, groups, group_size):
         (dz,) = grads
         s = record.saved
         filters = int(dz.shape[-1])
@@ -740,8 +797,8 @@ class _Plan:
                 if len(with_rule) > 1:
                     self.reasons[_key(v)] = "owned by several rule layers"
                 elif candidates:
-                    self.reasons[_key(v)] = "; ".join(sorted({layer_rules[id(l)][1] or f"{type(l).__name__}.{a}"
-                                                              for l, a in candidates}))
+                    self.reasons[_key(v)] = "; ".join(sorted({layer_rules[id(owner)][1] or f"{type(owner).__name__}.{a}"
+                                                              for owner, a in candidates}))
                 else:
                     self.reasons[_key(v)] = "not a weight of a layer with a rule"
         self.batch_norms = [layer for layer in layers if _is_batch_norm(layer) and id(layer) not in self.rule_layers]
@@ -920,10 +977,16 @@ def _flat_samples(t):
     return flat
 
 
-def _default_fallback():
+def _default_fallback(model, variables, loss_fn):
+    """``make_gradient_fn`` of the model in inference mode and the variables (a Keras 3 Variable as the
+    tf.Variable a tape can watch)."""
     from tf_woodfisher.fisher.gradients import make_gradient_fn  # lazy: gradients.py may import this module
 
-    return make_gradient_fn
+    def forward(x, training=False):  # called as forward(x) or forward(x, training=False): always inference
+        return model(x, training=False)
+
+    return make_gradient_fn(forward, [v if isinstance(v, tf.Variable) else _tf_variable(v) for v in variables],
+                            loss_fn)
 
 
 def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
@@ -935,17 +998,19 @@ def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
     per-sample losses (n,) (or (n, ...), averaged within the group like the reference).
 
     Variables of rule layers come from one batched forward and one batched backward over all g·b samples;
-    the others from ``fallback(model, fallback_variables, loss_fn)`` (default: ``make_gradient_fn``, a
-    vectorised map over groups), called inside the same compiled function. Compiled once per input
-    signature for any number of groups g. The returned function has attributes ``coverage`` (per
+    the others from ``fallback(model, fallback_variables, loss_fn)`` — a function returning a gradient
+    function of the same contract for those variables; default: ``make_gradient_fn`` of
+    ``model(x, training=False)``, a vectorised map over groups — called inside the same compiled function.
+    Compiled once per input signature for any number of groups g. The returned function has attributes ``coverage`` (per
     variable, the rule used or None) and ``fallback_reasons`` (variable name → why), set when it traces.
     """
     variables = list(variables)
-    fallback = fallback or _default_fallback()
+    fallback = fallback or _default_fallback
     plan = _Plan(model, variables)
 
     def step(x, y):
         groups = tf.shape(tf.nest.flatten(x)[0])[0]
+        group_size = tf.nest.flatten(x)[0].shape[1]
         flat_x, flat_y = tf.nest.map_structure(_flat_samples, (x, y))
         owners, reasons = [None] * len(variables), dict(plan.reasons)
         rows = [None] * len(variables)
@@ -973,12 +1038,13 @@ def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
                 for layer, record in calls:
                     count = len(record.watched)
                     rule = plan.rule_layers[id(layer)][1]
-                    for attr, value in rule.gradients(layer, record, grads[start:start + count], groups).items():
+                    for attr, value in rule.gradients(layer, record, grads[start:start + count], groups,
+                                                            group_size).items():
                         key = (id(layer), attr)
                         sums[key] = value if key not in sums else sums[key] + value
                     start += count
                 for i, (layer, rule, attr) in used:
-                    size = int(variables[i].shape.num_elements())
+                    size = _size(variables[i])
                     value = sums.get((id(layer), attr))
                     rows[i] = tf.zeros([groups, size], tf.float32) if value is None else \
                         tf.reshape(_f32(value), [-1, size])
@@ -986,7 +1052,7 @@ def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
         if rest:
             fallback_rows = fallback(model, [variables[i] for i in rest], loss_fn)(x, y)
             for i, row in zip(rest, fallback_rows):
-                rows[i] = tf.reshape(_f32(tf.convert_to_tensor(row)), [-1, int(variables[i].shape.num_elements())])
+                rows[i] = tf.reshape(_f32(tf.convert_to_tensor(row)), [-1, _size(variables[i])])
         gradients.coverage = [None if o is None else f"{o[1].name}.{o[2]}" for o in owners]
         gradients.fallback_reasons = {variables[i].name: reasons.get(_key(variables[i]), "fallback")
                                       for i in rest}
@@ -1027,5 +1093,54 @@ def rule_coverage(model, variables, inputs=None):
         result["owners"] = trace.decide()[0]
         return tf.constant(0)
 
-    tf.function(forward, autograph=False).get_concrete_function(spec)
+    tf.function(forward).get_concrete_function(spec)
     return [None if o is None else f"{o[1].name}.{o[2]}" for o in result["owners"]]
+
+
+def make_checked_gradient_fn(model, forward, variables, loss_fn, check_groups=4, rtol=1e-3):
+    """:func:`make_rule_gradient_fn`, checked once against the vectorised path before it is trusted.
+
+    The rules assume that, in inference mode, samples do not interact; a custom layer that mixes the
+    samples of a batch would break that silently. So on its first call the returned function also computes
+    the first ``check_groups`` groups with :func:`tf_woodfisher.fisher.gradients.make_gradient_fn` (one
+    vectorised pass of a few groups) and compares: if any variable's rows differ by more than ``rtol`` of
+    their norm, it warns (naming the variable) and uses the vectorised path from then on.
+
+    Args:
+        model: the Keras model (tf_keras or Keras 3), called as ``model(x, training=False)`` by the rules.
+        forward: inputs → outputs in inference mode, for the vectorised path.
+        variables: the weights to differentiate.
+        loss_fn: (y_true, y_pred) → per-sample losses (n,).
+        check_groups: groups compared on the first call.
+        rtol: largest accepted ‖rules − vectorised‖ / ‖vectorised‖ per variable.
+
+    Returns:
+        A function (x, y) shaped (g, b, ...) → tuple of (g, size) float32 rows, as ``make_gradient_fn``.
+    """
+    import warnings
+
+    from tf_woodfisher.fisher.gradients import make_gradient_fn  # lazy: gradients.py may import this module
+
+    fast = make_rule_gradient_fn(model, variables, loss_fn)
+    slow = make_gradient_fn(forward, variables, loss_fn)
+    chosen = []
+
+    def gradients(x, y):
+        if chosen:
+            return chosen[0](x, y)
+        rows = fast(x, y)
+        head = tf.nest.map_structure(lambda t: t[:check_groups], (x, y))
+        for variable, got, expected in zip(variables, rows, slow(*head)):
+            got = got[:check_groups]
+            error = float(tf.norm(got - expected)) / max(float(tf.norm(expected)), 1e-30)
+            if error > rtol:
+                warnings.warn(f"per-sample gradient rules disagree with the vectorised path on {variable.name} "
+                              f"(relative error {error:.2g}): the model seems to couple the samples of a batch; "
+                              "using the vectorised path", RuntimeWarning, stacklevel=2)
+                chosen.append(slow)
+                return slow(x, y)
+        chosen.append(fast)
+        return rows
+
+    gradients.rules = fast
+    return gradients

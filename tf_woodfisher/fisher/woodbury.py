@@ -75,6 +75,28 @@ def _explicit_matvec(inverse_factor, vectors):
     return tf.linalg.matvec(inverse_factor, tf.linalg.matvec(inverse_factor, vectors), adjoint_a=True)
 
 
+@tf.function(reduce_retracing=True)
+def _explicit_submatrices(inverse_factor, positions):
+    """(F⁻¹)_QQ of groups Q inside each block: inverse_factor L⁻¹ (K, c, c) with F⁻¹ = L⁻ᵀL⁻¹, positions
+    (K, n, q) of n groups of q entries in each block → (K, n, q, q)."""
+    shape = tf.shape(positions)
+    columns = tf.gather(inverse_factor, tf.reshape(positions, [shape[0], -1]), axis=2, batch_dims=1)
+    columns = tf.reshape(columns, [shape[0], -1, shape[1], shape[2]])  # (K, c, n, q): the columns L⁻¹[:, Q]
+    return tf.einsum("kcns,kcnt->knst", columns, columns)
+
+
+@tf.function(reduce_retracing=True)
+def _lowrank_submatrices(blocks, factor, damping, positions):
+    """(F⁻¹)_QQ = (I − (L⁻¹G_Q)ᵀ(L⁻¹G_Q))/λ of groups Q inside each block: blocks G (K, m, c), factor L
+    (K, m, m) of mλI + GGᵀ, positions (K, n, q) → (K, n, q, q)."""
+    shape = tf.shape(positions)
+    columns = tf.gather(blocks, tf.reshape(positions, [shape[0], -1]), axis=2, batch_dims=1)  # (K, m, n·q)
+    whitened = tf.linalg.triangular_solve(factor, columns, lower=True)
+    whitened = tf.reshape(whitened, [shape[0], -1, shape[1], shape[2]])
+    eye = tf.eye(shape[2], dtype=blocks.dtype)
+    return (eye - tf.einsum("kmns,kmnt->knst", whitened, whitened)) / damping
+
+
 @dataclasses.dataclass(frozen=True)
 class _SolvedGroup:
     form: str  # 'lowrank' or 'explicit'
@@ -89,7 +111,7 @@ class CholeskyError(RuntimeError):
 
 
 class InverseFisher:
-    """diag(F⁻¹) and v ↦ F⁻¹v for a block-diagonal empirical Fisher.
+    """diag(F⁻¹), v ↦ F⁻¹v and the submatrices (F⁻¹)_QQ of groups Q for a block-diagonal empirical Fisher.
 
     Build with :meth:`from_gradients`. Vectors are flat, of length d, in the gradients' column order.
     """
@@ -100,22 +122,40 @@ class InverseFisher:
         self.dtype = dtype
         self._executor = executor
         self._inverse_order = tf.constant(partition.inverse_order)
+        self._location_tables = None  # built by the first submatrices() call
 
     @classmethod
     def from_gradients(cls, gradients, partition, damping, dtype=tf.float32, form="auto", on_group=None,
                        executor=None):
         """Factorise every block of F = λI + (1/m) GᵀG.
 
-        gradients: (m, d) tensor, one gradient per row, or a list of (m, d_j) tensors holding consecutive
-        columns (one per weight tensor, say: blocks inside one of them are then taken without a copy);
-        any float dtype (float16/bfloat16 storage is cast to ``dtype`` one group at a time). An entry of
-        the list may instead be a :class:`BlockGrams` of its columns: its blocks then take the explicit form.
-        partition: a :class:`BlockPartition` of d.
-        damping: λ > 0. dtype: float32 (default) or float64. form: 'auto', 'lowrank' or 'explicit'.
-        on_group: optional callable invoked after each group (progress reporting).
-        executor: a :mod:`distributed` executor (default: that of the current ``tf.distribute`` strategy);
-        with several replicas each factorises its share of every group's blocks and diagonals and
-        products are all-gathered.
+        A group whose Cholesky factorisation fails (or gives a non-finite or non-positive diagonal) is
+        retried with the damping multiplied by DAMPING_RETRY_FACTOR, up to MAX_DAMPING_RETRIES times, with
+        a RuntimeWarning each time.
+
+        Args:
+            gradients: (m, d) tensor, one gradient per row, or a list of (m, d_j) tensors holding consecutive
+                columns (one per weight tensor, say: blocks inside one of them are then taken without a copy);
+                any float dtype (float16/bfloat16 storage is cast to ``dtype`` one group at a time). An entry of
+                the list may instead be a :class:`~tf_woodfisher.fisher.grams.BlockGrams` of its columns: its
+                blocks then take the explicit form.
+            partition: a :class:`~tf_woodfisher.fisher.blocks.BlockPartition` of d.
+            damping: λ > 0, added to the Fisher's diagonal.
+            dtype: float32 (default) or float64, the dtype of the factorisation.
+            form: 'auto' (:func:`~tf_woodfisher.fisher.blocks.choose_form` per group), 'lowrank' or 'explicit'.
+            on_group: optional callable invoked with no argument after each group (progress reporting).
+            executor: a :mod:`~tf_woodfisher.fisher.distributed` executor (default: that of the current
+                ``tf.distribute`` strategy); with several replicas each factorises its share of every group's
+                blocks and diagonals and products are all-gathered.
+
+        Returns:
+            The :class:`InverseFisher`.
+
+        Raises:
+            ValueError: a bad ``dtype``, ``damping`` or ``form``; gradients whose columns do not match the
+                partition, pieces with different numbers of rows, no gradient; ``form='lowrank'`` with Gram
+                sums; a block that spans pieces given as Gram sums.
+            CholeskyError: a group's factorisation fails even after raising the damping.
         """
         dtype = tf.as_dtype(dtype)
         if dtype not in (tf.float32, tf.float64):
@@ -150,16 +190,30 @@ class InverseFisher:
 
     @property
     def forms(self):
-        """The form used for each group, as (block_size, num_blocks, form, damping) tuples."""
+        """The form used for each group, as (block_size, num_blocks, form, damping) tuples.
+
+        ``damping`` is the one finally used (raised when the factorisation had to be retried).
+        """
         return [(g.diagonal.shape[1], g.diagonal.shape[0], g.form, g.damping) for g in self._groups]
 
     def diagonal(self):
-        """diag(F⁻¹), shape (d,)."""
+        """diag(F⁻¹), shape (d,).
+
+        Returns:
+            (d,) tensor of this inverse's dtype, in the gradients' column order.
+        """
         return self._to_flat([g.diagonal for g in self._groups])
 
     def matvec(self, vector):
-        """F⁻¹v for a flat vector v of shape (d,); returns shape (d,)."""
-        vector = tf.convert_to_tensor(vector, dtype=self.dtype)
+        """F⁻¹v for a flat vector v of shape (d,); returns shape (d,).
+
+        Args:
+            vector: (d,) tensor or array, in the gradients' column order (cast to this inverse's dtype).
+
+        Returns:
+            (d,) tensor F⁻¹v of this inverse's dtype.
+        """
+        vector = tf.cast(vector, self.dtype)  # float32 statistics into a float64 inverse too
         run, results = self._executor.run, []
         for group, solved in zip(self.partition.groups, self._groups):
             pieces = self._executor.shard(tf.gather(vector, group.indices))
@@ -170,6 +224,75 @@ class InverseFisher:
                 products = run(_explicit_matvec, solved.factor, pieces)
             results.append(self._executor.gather(products, group.num_blocks))
         return self._to_flat(results)
+
+    def submatrices(self, members):
+        """The principal submatrices (F⁻¹)_QQ of groups Q of entries that each lie inside one Fisher block.
+
+        One compiled, batched computation per group of equal-size blocks: from the stored factor L⁻¹ for
+        the explicit form ((F⁻¹)_QQ = (L⁻¹_{:,Q})ᵀL⁻¹_{:,Q}), from (I − GᵀK⁻¹G)/λ restricted to Q for the
+        low-rank form. Under a strategy each replica computes those of its share of the blocks.
+
+        Args:
+            members: int array (n, q): the flat positions of each group's entries, padded with −1 (a
+                group of fewer than q entries); the first entry of every row must be a position.
+
+        Returns:
+            (n, q, q) tensor of this inverse's dtype; the rows and columns of padding entries are those
+            of the identity (so every matrix stays positive definite).
+
+        Raises:
+            ValueError: a position out of range, a row without entries, or a group whose entries lie in
+                several Fisher blocks (align the partition to the groups: ``BlockPartition.from_segments``
+                with ``groups=``).
+        """
+        members = np.asarray(members, dtype=np.int64)
+        if members.ndim != 2 or members.shape[0] == 0:
+            raise ValueError(f"members must be an (n, q) array of flat positions with n ≥ 1, got shape {members.shape}")
+        if np.any(members[:, 0] < 0) or np.any(members >= self.partition.dim):
+            raise ValueError(f"members must be positions in [0, {self.partition.dim}) padded with -1 after the first")
+        valid = members >= 0
+        positions = np.where(valid, members, members[:, :1])
+        number, block, position = (table[positions] for table in self._locations())
+        if np.any(number != number[:, :1]) or np.any(block != block[:, :1]):
+            row = int(np.flatnonzero(np.any((number != number[:, :1]) | (block != block[:, :1]), axis=1))[0])
+            raise ValueError(f"the group of entries {members[row][valid[row]].tolist()} lies in several Fisher "
+                             "blocks: the block partition must contain every group whole")
+        run, parts, rows = self._executor.run, [], []
+        for index, (group, solved) in enumerate(zip(self.partition.groups, self._groups)):
+            mine = np.flatnonzero(number[:, 0] == index)
+            if not mine.size:
+                continue
+            mine = mine[np.argsort(block[mine, 0], kind="stable")]  # the groups block by block
+            blocks = block[mine, 0]
+            counts = np.bincount(blocks, minlength=group.num_blocks)
+            slot = np.arange(mine.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            table = np.zeros((group.num_blocks, int(counts.max()), members.shape[1]), np.int64)
+            table[blocks, slot] = position[mine]
+            table = self._executor.shard(tf.constant(table))
+            if solved.form == "lowrank":
+                result = run(_lowrank_submatrices, solved.blocks, solved.factor,
+                             tf.constant(solved.damping, self.dtype), table)
+            else:
+                result = run(_explicit_submatrices, solved.factor, table)
+            result = self._executor.gather(result, group.num_blocks)
+            parts.append(tf.gather_nd(result, np.stack([blocks, slot], axis=1)))
+            rows.append(mine)
+        order = np.argsort(np.concatenate(rows), kind="stable")
+        matrices = tf.gather(tf.concat(parts, axis=0), order)
+        mask = tf.constant(valid, self.dtype)
+        eye = tf.eye(members.shape[1], dtype=self.dtype)
+        return matrices * mask[:, :, None] * mask[:, None, :] + eye * (1.0 - mask[:, :, None])
+
+    def _locations(self):
+        """(group number, block number, position in the block) of every flat entry, each an int64 (d,) array."""
+        if self._location_tables is None:
+            tables = [np.zeros(self.partition.dim, np.int64) for _ in range(3)]
+            for index, group in enumerate(self.partition.groups):  # a loop over the few groups, not the blocks
+                tables[0][group.indices] = index
+                tables[1][group.indices] = np.arange(group.num_blocks)[:, None]
+                tables[2][group.indices] = np.arange(group.block_size)[None, :]
+            self._location_tables = tuple(tables)
+        return self._location_tables
 
     def _to_flat(self, per_group):
         flat = tf.concat([tf.reshape(t, [-1]) for t in per_group], axis=0)
@@ -209,6 +332,9 @@ def _group_grams(pieces, offsets, group, dtype):
     if _spans_pieces(offsets, group, owner):
         raise ValueError("a block spans several weight tensors, but some of them come as Gram sums: "
                          "use a block size within tensors")
+    if not np.all(np.diff(group.indices, axis=1) == 1):
+        raise ValueError("blocks of non-consecutive entries (aligned to a sparsity structure) cannot be taken from "
+                         "Gram sums of consecutive chunks: collect the gradient rows")
     parts = []
     for j in np.unique(owner):
         local = group.indices[owner == j] - offsets[j]

@@ -1,43 +1,11 @@
 """gRDA, generalized regularized dual averaging (Chao, Wang, Xing & Cheng, NeurIPS 2020), for tf_keras."""
-import math
-import numbers
-import re
-
 from tf_woodfisher import legacy_keras  # noqa: F401, I001  (first: TF_USE_LEGACY_KERAS=1 before TensorFlow)
 import tensorflow as tf
 import tf_keras as keras
 
+from tf_woodfisher.optimizers import rule
+
 __all__ = ["GRDA"]
-
-
-def _check_hyperparameter(name, value, minimum, allow_minimum):
-    """Raise ValueError unless ``value`` is a finite real ≥ ``minimum`` (> when not ``allow_minimum``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"GRDA: {name} must be a real number, got {value!r}")
-    bound = f">= {minimum}" if allow_minimum else f"> {minimum}"
-    if not math.isfinite(value) or value < minimum or (value == minimum and not allow_minimum):
-        raise ValueError(f"GRDA: {name} must be finite and {bound}, got {value!r}")
-
-
-def _exclude_patterns(exclude):
-    """``exclude`` (None, a regex string or an iterable of them) as a tuple of valid regex strings."""
-    if exclude is None:
-        return ()
-    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise ValueError(f"GRDA: exclude must hold variable-name regex strings, got {pattern!r}")
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"GRDA: exclude pattern {pattern!r} is not a valid regex: {error}") from None
-    return patterns
-
-
-def _is_finite(gradient):
-    """Scalar bool: every entry of a dense or ``IndexedSlices`` gradient is finite."""
-    values = gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
-    return tf.reduce_all(tf.math.is_finite(values))
 
 
 @keras.saving.register_keras_serializable(package="tf_woodfisher")
@@ -76,20 +44,14 @@ class GRDA(keras.optimizers.Optimizer):
       **kwargs: the tf_keras optimizer options ``clipnorm``, ``clipvalue``, ``global_clipnorm`` and
         ``jit_compile``. ``weight_decay`` and ``use_ema`` are refused: the threshold is the
         regulariser, and averaged weights are not sparse.
+
+    Raises:
+      ValueError: a hyperparameter out of range or not a finite real, an ``exclude`` entry that is not a
+        valid regex string, ``weight_decay`` or ``use_ema`` given, or a DTensor mesh or strategy.
     """
 
     def __init__(self, learning_rate=0.01, c=0.005, mu=0.51, momentum=0.0, exclude=None, name="GRDA", **kwargs):
-        if isinstance(learning_rate, numbers.Real):
-            _check_hyperparameter("learning_rate", learning_rate, 0.0, allow_minimum=False)
-        _check_hyperparameter("c", c, 0.0, allow_minimum=True)
-        _check_hyperparameter("mu", mu, 0.0, allow_minimum=False)
-        _check_hyperparameter("momentum", momentum, 0.0, allow_minimum=True)
-        if momentum >= 1:
-            raise ValueError(f"GRDA: momentum must be < 1, got {momentum!r}")
-        if kwargs.pop("weight_decay", None):
-            raise ValueError("GRDA: weight_decay is not supported; the threshold c, mu is the regulariser")
-        if kwargs.pop("use_ema", False):
-            raise ValueError("GRDA: use_ema is not supported; averaged weights are not sparse")
+        rule.check_options(learning_rate, c, mu, momentum, kwargs)
         if kwargs.get("mesh") is not None:
             raise ValueError("GRDA: DTensor meshes are not supported")
         super().__init__(name=name, weight_decay=None, use_ema=False, **kwargs)
@@ -99,7 +61,7 @@ class GRDA(keras.optimizers.Optimizer):
         self.c = float(c)
         self.mu = float(mu)
         self.momentum = float(momentum)
-        self._exclude = self._no_dependency(_exclude_patterns(exclude))
+        self._exclude = self._no_dependency(rule.exclude_patterns(exclude))
         with tf.init_scope():
             self._threshold = self.add_variable(shape=(), dtype=tf.float32, name="threshold")
 
@@ -109,8 +71,15 @@ class GRDA(keras.optimizers.Optimizer):
         return self._threshold
 
     def is_excluded(self, variable):
-        """True when ``variable.name`` matches one of the ``exclude`` patterns (plain SGD, no threshold)."""
-        return any(re.search(pattern, variable.name) for pattern in self._exclude)
+        """True when ``variable.name`` matches one of the ``exclude`` patterns (plain SGD, no threshold).
+
+        Args:
+            variable: a model variable (its ``name`` is searched with ``re.search``).
+
+        Returns:
+            Whether the variable is excluded from thresholding.
+        """
+        return rule.is_excluded(self._exclude, variable.name)
 
     def build(self, var_list):
         """Create one accumulator per thresholded variable (initial value: the variable) and momentum buffers."""
@@ -128,7 +97,7 @@ class GRDA(keras.optimizers.Optimizer):
 
     def _internal_apply_gradients(self, grads_and_vars):
         """Apply one step to all variables, or none when a gradient is not finite (replica context)."""
-        finite = tf.reduce_all([_is_finite(grad) for grad, _ in grads_and_vars])
+        finite = tf.reduce_all([rule.is_finite(grad) for grad, _ in grads_and_vars])
         return tf.__internal__.distribute.interim.maybe_merge_call(
             self._apply_step, self._distribution_strategy, grads_and_vars, finite
         )
@@ -144,11 +113,8 @@ class GRDA(keras.optimizers.Optimizer):
 
     def _advance_threshold(self, threshold, finite):
         """τ += c · γ_k^{μ+½} · (k^μ − (k−1)^μ), with k = iterations + 1; unchanged when not ``finite``."""
-        k = tf.cast(self.iterations + 1, tf.float32)
-        lr = tf.cast(self.learning_rate, tf.float32)
-        # k^μ − (k−1)^μ = k^μ · (1 − (1 − 1/k)^μ), in a form that keeps float32 accuracy for large k.
-        growth = tf.pow(k, self.mu) * -tf.math.expm1(self.mu * tf.math.log1p(-1.0 / k))
-        threshold.assign_add(tf.where(finite, self.c * tf.pow(lr, self.mu + 0.5) * growth, 0.0))
+        increment = rule.threshold_increment(self.c, self.mu, self.learning_rate, self.iterations + 1)
+        threshold.assign_add(tf.where(finite, increment, 0.0))
 
     def _update_if_finite(self, variable, gradient, finite):
         """``update_step`` (XLA-compiled when ``jit_compile``) when ``finite``, else nothing."""
@@ -164,26 +130,8 @@ class GRDA(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable):
         """One gRDA step of one variable, reading the already advanced τ; ``gradient`` dense or IndexedSlices."""
         index = self._index_dict[self._var_key(variable)]
-        lr = tf.cast(self.learning_rate, variable.dtype)
-        direction = gradient
-        if self.momentum > 0:
-            buffer = self._momentums[index]
-            beta = tf.cast(self.momentum, variable.dtype)
-            if isinstance(gradient, tf.IndexedSlices):
-                buffer.assign(buffer * beta)
-                buffer.scatter_add(gradient)
-            else:
-                buffer.assign(buffer * beta + gradient)
-            direction = buffer
-        accumulator = self._accumulators[index]
-        target = variable if accumulator is None else accumulator
-        if isinstance(direction, tf.IndexedSlices):
-            target.scatter_sub(tf.IndexedSlices(direction.values * lr, direction.indices, direction.dense_shape))
-        else:
-            target.assign_sub(direction * lr)
-        if accumulator is not None:
-            tau = tf.cast(self._threshold, variable.dtype)
-            variable.assign(tf.sign(accumulator) * tf.maximum(tf.abs(accumulator) - tau, 0.0))
+        rule.variable_step(variable, self._accumulators[index], self._momentums[index] if self.momentum > 0 else None,
+                           gradient, self.learning_rate, self.momentum, self._threshold)
 
     def get_config(self):
         config = super().get_config()

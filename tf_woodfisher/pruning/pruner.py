@@ -16,16 +16,19 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tf_woodfisher.config import WoodFisherConfig, validate_sparsity
+from tf_woodfisher.config import LAYERWISE_METHODS, WoodFisherConfig, validate_sparsity
 from tf_woodfisher.fisher.blocks import BlockPartition, group_sizes
 from tf_woodfisher.fisher.distributed import executor_for
-from tf_woodfisher.fisher.gradients import collect_gradient_columns, make_gradient_fn
+from tf_woodfisher.fisher.gradients import collect_gradient_columns, fisher_loss, make_gradient_fn
 from tf_woodfisher.fisher.grams import gradient_moments, reduced_block_size
 from tf_woodfisher.fisher.memory import GRADIENT_DTYPES, EventShape, plan_memory
 from tf_woodfisher.fisher.woodbury import InverseFisher
+from tf_woodfisher.pruning import obs
 from tf_woodfisher.pruning import scores as scoring
+from tf_woodfisher.pruning.structures import TargetGroups
 from tf_woodfisher.pruning.report import EventStats
-from tf_woodfisher.pruning.targets import PruningTarget, assign_weights, check_unique_names, current_masks, flatten
+from tf_woodfisher.pruning.targets import (PruningTarget, assign_weights, check_unique_names, current_masks, flatten,
+                                          value_dtype)
 
 MOMENT_METHODS = ("diagonal_fisher", "woodtaylor")  # their statistics read the gradients, in float32
 
@@ -53,22 +56,51 @@ class PruningProblem:
 
 
 def event_shape(config: WoodFisherConfig, segment_sizes: Sequence[int]) -> EventShape:
-    """The memory planner's view of an event of ``config`` on tensors of ``segment_sizes`` entries."""
+    """The memory planner's view of an event of ``config`` on tensors of ``segment_sizes`` entries.
+
+    Args:
+        config: the event's validated configuration.
+        segment_sizes: entries of each pruned tensor, in order.
+
+    Returns:
+        The :class:`~tf_woodfisher.fisher.memory.EventShape` (moments needed for diagonal Fisher and
+        WoodTaylor, the inverse for WoodFisher and WoodTaylor, the update when ``config.update``).
+    """
     return EventShape(tuple(segment_sizes), config.num_gradients, config.fisher_block_size, config.gradient_dtype,
                       config.inverse_dtype, needs_inverse=config.needs_inverse, needs_update=config.update,
                       needs_moments=config.method in MOMENT_METHODS)
 
 
 def fisher_seed(seed: int, *indices: int) -> int:
-    """The Fisher-sample seed of an event: ``seed`` mixed with the event's indices (step, recomputation),
-    so that different base seeds never share samples (unlike seed + step)."""
+    """The Fisher-sample seed of an event: ``seed`` mixed with the event's indices (step, recomputation).
+
+    Different base seeds never share samples (unlike seed + step).
+
+    Args:
+        seed: the base seed (``config.seed``), an int ≥ 0.
+        *indices: the event's indices (ints ≥ 0), e.g. the training step and the recomputation step.
+
+    Returns:
+        A 32-bit unsigned int seed from ``np.random.SeedSequence([seed, *indices])``.
+    """
     return int(np.random.SeedSequence([seed, *indices]).generate_state(1)[0])
 
 
 def step_sparsities(start: float, target: float, steps: int) -> list:
-    """Sparsity after each of ``steps`` increments from ``start`` to ``target``, each step removing the
-    same fraction of the remaining weights (density falls geometrically): much better than equal
-    increments of sparsity at high targets (BENCHMARKS.md)."""
+    """Sparsity after each of ``steps`` increments from ``start`` to ``target``.
+
+    Each step removes the same fraction of the remaining weights (density falls geometrically): much
+    better than equal increments of sparsity at high targets (BENCHMARKS.md).
+
+    Args:
+        start: the current sparsity, a fraction in [0, 1).
+        target: the sparsity to reach, a fraction in [0, 1).
+        steps: number of increments, ≥ 1.
+
+    Returns:
+        A list of ``steps`` floats, the sparsity after each step, ending at ``target``;
+        ``[target] * steps`` when ``target`` ≤ ``start``.
+    """
     start_density, target_density = 1.0 - start, 1.0 - target
     if target_density >= start_density:
         return [target] * steps
@@ -77,6 +109,11 @@ def step_sparsities(start: float, target: float, steps: int) -> list:
 
 class Pruner:
     """Prunes the targets of a :class:`PruningProblem` to a sparsity, keeping pruned entries pruned.
+
+    With ``config.block_size`` ≠ (1, 1) or ``config.sparsity_m_by_n`` it prunes tfmot's blocks or N:M
+    groups, with group scores and joint OBS updates (:mod:`tf_woodfisher.pruning.structures`); the
+    Fisher blocks are then aligned so that each holds whole groups. With ``config.sequential`` the selection
+    and the update are sequential OBS inside the Fisher blocks (:func:`tf_woodfisher.pruning.obs.sequential_event`).
 
     Args:
         problem: the model, as the core sees it.
@@ -87,19 +124,20 @@ class Pruner:
     Raises:
         ValueError: a method that needs gradients without dataset, forward or loss; num_gradients not
             divisible by the replicas; duplicate target names.
-        NotImplementedError: a block or N:M structure (``block_size`` other than (1, 1), ``sparsity_m_by_n``).
+            With a structure: a method that cannot score groups, or a weight it does not fit (a block
+            structure on a weight that is not 2-D, N:M on one neither 2-D nor 4-D), named.
     """
 
     def __init__(self, problem: PruningProblem, config: WoodFisherConfig, strategy=None):
         self.problem, self.config = problem, config
         self.targets = list(problem.targets)
+        if config.method in LAYERWISE_METHODS:
+            raise ValueError(f"method {config.method!r} reconstructs each layer from calibration activations after "
+                             "training: use it with tfw.one_shot_prune (tf_keras), not in a training schedule")
         if not self.targets:
             raise ValueError("nothing to prune: the list of pruning targets is empty")
         check_unique_names(self.targets)
-        if config.structured:
-            raise NotImplementedError(
-                f"structured sparsity (block_size={config.block_size}, sparsity_m_by_n={config.sparsity_m_by_n}) "
-                "is not implemented by tf_woodfisher yet; use block_size=(1, 1) and sparsity_m_by_n=None")
+        self.groups = TargetGroups.for_targets(self.targets, config)  # tfmot's blocks / N:M groups, or None
         self.executor = executor_for(strategy)
         if config.needs_gradients:
             for what in ("dataset", "forward", "loss"):
@@ -118,10 +156,15 @@ class Pruner:
 
     @property
     def variables(self) -> list:
+        """The targets' variables, in target order."""
         return [t.variable for t in self.targets]
 
     def sparsity(self) -> float:
-        """Current fraction of masked entries over the targets."""
+        """Current fraction of masked entries over the targets.
+
+        Returns:
+            The fraction of zeros of the targets' masks, over all their entries, in [0, 1].
+        """
         return 1.0 - float(tf.reduce_mean(current_masks(self.targets)))
 
     @property
@@ -130,8 +173,12 @@ class Pruner:
         return self.plan.stages if self.plan is not None else ((0, len(self.targets)),)
 
     def work_units(self) -> int:
-        """Progress units of one :meth:`prune_to` call: gradients of every pass, inverse groups of every
-        build, and the final write."""
+        """Progress units of one :meth:`prune_to` call.
+
+        Returns:
+            Gradients of every pass, plus inverse groups of every build, plus 1 for the final write
+            (1 in all for magnitude pruning).
+        """
         if self.plan is None:
             return 1
         builds = self.plan.gradient_passes // len(self.stages) if self.config.needs_inverse else 0
@@ -157,13 +204,22 @@ class Pruner:
         self.executor.take_traffic()
         timer = _Timer()
         mask = current_masks(self.targets)
-        assign_weights(self.targets, flatten(self.variables), mask)
-        values = flatten(self.variables)
+        dtype = value_dtype(self.targets)  # float64 models keep their precision
+        assign_weights(self.targets, flatten(self.variables, dtype), mask)
+        values = flatten(self.variables, dtype)
         self.executor.check_consistent([values.numpy()], "the model's weights")
-        scores, kept = zip(*[self._scores(stage, values, mask, seed, progress, timer) for stage in self.stages])
+        scores, kept = zip(*[self._scores(stage, values, mask, seed, progress, timer, sparsity)
+                             for stage in self.stages])
         with timer("scoring"):
-            new_mask = scoring.select_pruned(tf.concat(scores, 0), mask, self.segments, sparsity, config.mode)
-        if config.update and config.needs_inverse:
+            if config.sequential:  # sequential OBS inside the explicit Fisher blocks (pruning/obs.py)
+                inverses = [(self.offsets[stage[0]], None if stats is None else stats.inverse)
+                            for stage, stats in zip(self.stages, kept)]
+                new_mask, values = obs.sequential_event(inverses, values, mask, self.segments, sparsity, config.mode)
+                values = tf.constant(values, dtype)
+            else:
+                select = scoring.select_pruned if self.groups is None else self.groups.select
+                new_mask = select(tf.concat(scores, 0), mask, self.segments, sparsity, config.mode)
+        if config.update and config.needs_inverse and not config.sequential:
             pruned = tf.constant(new_mask == 0)
             values = tf.concat([self._update(stage, values, pruned, stats, mask, seed, progress, timer)
                                 for stage, stats in zip(self.stages, kept)], 0)
@@ -177,18 +233,23 @@ class Pruner:
         """The entries of a flat (d,) vector that belong to the targets [begin, end) of ``stage``."""
         return vector[self.offsets[stage[0]]:self.offsets[stage[1]]]
 
-    def _scores(self, stage, values, mask, seed, progress, timer):
-        """(scores, statistics if the plan keeps them else None) of the targets of ``stage``."""
+    def _scores(self, stage, values, mask, seed, progress, timer, sparsity):
+        """(scores, statistics if the plan keeps them else None) of the targets of ``stage``: one per weight, or
+        with a structure one per group (N:M: the keep flags of an event to ``sparsity``, see structures.py)."""
         stats = self._statistics(stage, mask, seed, progress, timer)
         with timer("scoring"):
-            scores = scoring.importance_scores(self.config.method, self._columns(values, stage), stats)
+            if self.groups is None:
+                scores = scoring.importance_scores(self.config.method, self._columns(values, stage), stats)
+            else:
+                scores = self.groups.scores(self.config.method, self._columns(values, stage),
+                                            self._columns(mask, stage), stats, stage, sparsity)
         return scores, stats if self.plan is None or self.plan.keep_inverse else None
 
     def _gradient_fn(self, stage):
         if stage not in self._gradient_fns:
             problem = self.problem
-            self._gradient_fns[stage] = problem.make_gradient_fn(
-                problem.forward, self.variables[stage[0]:stage[1]], problem.loss)
+            self._gradient_fns[stage] = problem.make_gradient_fn(  # the weighted loss of (x, y, w) data
+                problem.forward, self.variables[stage[0]:stage[1]], fisher_loss(problem.loss, problem.dataset))
         return self._gradient_fns[stage]
 
     def _statistics(self, stage, mask, seed, progress, timer):
@@ -206,21 +267,30 @@ class Pruner:
         with timer("inverse"):
             inverse = None
             if config.needs_inverse:
-                partition = BlockPartition.from_segments(self.segments[begin:end], config.fisher_block_size)
+                partition = BlockPartition.from_segments(  # with a structure, every group inside one block
+                    self.segments[begin:end], config.fisher_block_size,
+                    groups=None if self.groups is None else self.groups.group_ids(begin, end))
                 inverse = InverseFisher.from_gradients(columns, partition, config.damping, config.inverse_dtype,
                                                        on_group=progress.advance, executor=self.executor)
             moments = gradient_moments(columns) if config.method in MOMENT_METHODS else None
             return scoring.FisherStatistics.for_method(config.method, config.damping, inverse, moments)
 
     def reduced_block_sizes(self, stage):
-        """Per target of ``stage``: the block size c whose Gram sums are all-reduced across replicas,
-        where that moves fewer bytes than all-gathering its m gradient rows, else None (see grams.py).
+        """Per target of ``stage``: the block size c whose Gram sums are all-reduced across replicas.
 
+        Where that moves fewer bytes than all-gathering its m gradient rows, else None (see grams.py).
         Diagonal Fisher needs only 1 × 1 blocks (sums of squares); 'model' blocks need the rows.
+
+        Args:
+            stage: (begin, end) range of target indices (one of :attr:`stages`).
+
+        Returns:
+            A list with, per target of the stage, c (an int) or None; or None altogether on one replica, or
+            with a structure (except diagonal Fisher), when every target's rows are collected.
         """
         config = self.config
-        if self.executor.num_replicas == 1:
-            return None
+        if self.executor.num_replicas == 1 or (self.groups is not None and config.method != "diagonal_fisher"):
+            return None  # a structure's aligned blocks are not consecutive chunks: their Grams need the rows
         block_size = 1 if config.method == "diagonal_fisher" else config.fisher_block_size
         return [reduced_block_size(size, block_size, config.num_gradients, GRADIENT_DTYPES[config.gradient_dtype])
                 for size in self.segments[stage[0]:stage[1]]]
@@ -229,26 +299,37 @@ class Pruner:
         """The OBS-updated values of the targets of ``stage``, rebuilding its statistics if not kept."""
         stats = stats or self._statistics(stage, mask, seed, progress, timer)
         with timer("scoring"):
+            if self.groups is not None:
+                return self.groups.updated_weights(self.config.method, self._columns(values, stage),
+                                                   self._columns(pruned, stage), stats, stage)
             return scoring.updated_weights(self.config.method, self._columns(values, stage),
                                            self._columns(pruned, stage), stats)
 
 
 def prune_in_steps(pruner: Pruner, target_sparsity: float, seed: int, *indices: int,
                    on_progress: Optional[Callable[[int], None]] = None) -> EventStats:
-    """Reach ``target_sparsity`` in ``pruner.config.steps`` events, each removing the same fraction of the
-    remaining weights after recomputing the Fisher statistics on the pruned model (the one k-step loop).
+    """Reach ``target_sparsity`` in ``pruner.config.steps`` events (the one k-step loop).
+
+    Each event removes the same fraction of the remaining weights after recomputing the Fisher statistics
+    on the pruned model.
 
     Args:
         pruner: the :class:`Pruner` of the model.
-        target_sparsity: in [0, 1).
+        target_sparsity: in [0, 1); with ``sparsity_m_by_n`` = (n, m), n/m (step i then leaves
+            min(n, round(sparsity_i · m)) zeros in every m-group).
         seed: base seed; step i draws its Fisher samples with ``fisher_seed(seed, *indices, i)``.
-        indices: the caller's event indices (the training step of a gradual event; none for one-shot).
+        *indices: the caller's event indices (the training step of a gradual event; none for one-shot).
         on_progress: called with the units done so far over all steps (``steps × pruner.work_units()``).
 
     Returns:
         The :class:`EventStats` summed over the steps.
+
+    Raises:
+        ValueError: ``target_sparsity`` outside [0, 1), or other than n/m under ``sparsity_m_by_n``.
     """
     validate_sparsity(target_sparsity)
+    if pruner.groups is not None:
+        pruner.groups.check_target(target_sparsity)
     units, stats = pruner.work_units(), EventStats()
     for step, sparsity in enumerate(step_sparsities(pruner.sparsity(), target_sparsity, pruner.config.steps)):
         hook = None if on_progress is None else (lambda done, base=step * units: on_progress(base + done))

@@ -12,21 +12,42 @@ from tf_woodfisher.pruning.targets import PruningTarget
 
 @dataclasses.dataclass(frozen=True)
 class LayerSparsity:
-    """One pruned tensor: ``size`` entries of which ``zeros`` are zero."""
+    """One pruned tensor: ``size`` entries of which ``zeros`` are zero.
+
+    Attributes:
+        name: the tensor's unique name (as :class:`~tf_woodfisher.pruning.targets.PruningTarget`).
+        shape: the tensor's shape.
+        size: its number of entries.
+        zeros: its number of entries equal to zero.
+        reconstruction_error: layer-wise methods (``obc``, ``sparsegpt``): the relative reconstruction
+            error ‖XW − XŴ‖²/‖XW‖² of the layer's outputs over its calibration inputs X; None otherwise.
+    """
 
     name: str
     shape: tuple
     size: int
     zeros: int
+    reconstruction_error: Optional[float] = None
 
     @property
     def sparsity(self) -> float:
+        """Fraction of zeros, ``zeros / size``, in [0, 1]."""
         return self.zeros / self.size
 
 
-def layer_sparsities(targets: Sequence[PruningTarget]) -> tuple:
-    """LayerSparsity of each target, from the variables' current values."""
-    return tuple(LayerSparsity(t.name, t.shape, t.size, int(np.sum(t.variable.numpy() == 0))) for t in targets)
+def layer_sparsities(targets: Sequence[PruningTarget], reconstruction_errors: Optional[dict] = None) -> tuple:
+    """LayerSparsity of each target, from the variables' current values.
+
+    Args:
+        targets: the pruned tensors.
+        reconstruction_errors: target name → relative reconstruction error (layer-wise methods), or None.
+
+    Returns:
+        A tuple of :class:`LayerSparsity`, one per target, in order.
+    """
+    errors = reconstruction_errors or {}
+    return tuple(LayerSparsity(t.name, t.shape, t.size, int(np.sum(t.variable.numpy() == 0)), errors.get(t.name))
+                 for t in targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +61,8 @@ class EventStats:
         gathered_bytes: all-gathered across replicas (each receives (R−1)/R of them); 0 on one device.
         reduced_bytes: payload of the sum all-reduces of Gram sums across replicas.
         recomputations: Fisher recomputations (one per step of a multi-step event).
+        calibration_seconds: layer-wise methods: forward passes over the calibration inputs and the
+            accumulation of each layer's H = 2XXᵀ/n (their solves count as scoring).
     """
 
     gradient_seconds: float = 0.0
@@ -48,8 +71,10 @@ class EventStats:
     gathered_bytes: int = 0
     reduced_bytes: int = 0
     recomputations: int = 0
+    calibration_seconds: float = 0.0
 
     def __add__(self, other: EventStats) -> EventStats:
+        """The field-by-field sum of two :class:`EventStats` (the cost of both)."""
         return EventStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
@@ -65,6 +90,14 @@ class PruningReport:
         total_seconds: wall-clock time of the whole run.
         unpruned_weights: entries of the model's weights that were not pruning targets (biases, norms, and
             layers left dense), so that :attr:`model_sparsity` covers all weights.
+        method: shortcut to ``config.method``.
+        mode: shortcut to ``config.mode``.
+        steps: shortcut to ``config.steps``.
+        gradient_seconds: shortcut to ``stats.gradient_seconds``.
+        inverse_seconds: shortcut to ``stats.inverse_seconds``.
+        scoring_seconds: shortcut to ``stats.scoring_seconds``.
+        gathered_bytes: shortcut to ``stats.gathered_bytes``.
+        reduced_bytes: shortcut to ``stats.reduced_bytes``.
     """
 
     config: WoodFisherConfig
@@ -95,19 +128,36 @@ class PruningReport:
         return sum(layer.zeros for layer in self.layers) / (size + self.unpruned_weights)
 
     def as_dict(self) -> dict:
-        """Everything as plain Python values; ``layers`` maps each tensor's unique name to its sparsity."""
+        """Everything as plain Python values; ``layers`` maps each tensor's unique name to its sparsity.
+
+        Returns:
+            A JSON-serialisable dict: ``config`` (:meth:`WoodFisherConfig.to_dict`), method, mode, target
+            and achieved sparsities, steps, the :class:`EventStats` fields, total_seconds, unpruned_weights
+            and ``layers``; with layer-wise methods also ``reconstruction_errors`` (tensor name → relative error).
+        """
         return {"config": self.config.to_dict(), "method": self.method, "mode": self.mode,
                 "target_sparsity": self.target_sparsity, "sparsity": self.sparsity,
                 "model_sparsity": self.model_sparsity, "steps": self.steps,
                 **dataclasses.asdict(self.stats), "total_seconds": self.total_seconds,
                 "unpruned_weights": self.unpruned_weights,
-                "layers": {layer.name: layer.sparsity for layer in self.layers}}
+                "layers": {layer.name: layer.sparsity for layer in self.layers},
+                **({"reconstruction_errors": errors} if (errors := self.reconstruction_errors) else {})}
+
+    @property
+    def reconstruction_errors(self) -> dict:
+        """Tensor name → relative reconstruction error, for the tensors that have one (layer-wise methods)."""
+        return {layer.name: layer.reconstruction_error for layer in self.layers
+                if layer.reconstruction_error is not None}
 
     def __str__(self) -> str:
         width = max(len("total"), *(len(layer.name) for layer in self.layers))
-        lines = [f"{'weight':<{width}}  {'shape':>18}  {'size':>10}  {'sparsity':>8}"]
+        errors = bool(self.reconstruction_errors)
+        lines = [f"{'weight':<{width}}  {'shape':>18}  {'size':>10}  {'sparsity':>8}" + "  rel. error" * errors]
         for layer in self.layers:
-            lines.append(f"{layer.name:<{width}}  {str(layer.shape):>18}  {layer.size:>10,d}  {layer.sparsity:>8.2%}")
+            error = "" if not errors else "  " + ("—" if layer.reconstruction_error is None else
+                                                  f"{layer.reconstruction_error:.4f}").rjust(10)
+            lines.append(f"{layer.name:<{width}}  {str(layer.shape):>18}  {layer.size:>10,d}  {layer.sparsity:>8.2%}"
+                         + error)
         total = sum(layer.size for layer in self.layers)
         lines.append(f"{'total':<{width}}  {'':>18}  {total:>10,d}  {self.sparsity:>8.2%}")
         if self.unpruned_weights:
@@ -116,12 +166,28 @@ class PruningReport:
         lines.append(
             f"{self.method} ({self.mode}, {self.steps} step{'s' * (self.steps > 1)}): gradients "
             f"{self.gradient_seconds:.2f} s, inverse {self.inverse_seconds:.2f} s, scoring "
-            f"{self.scoring_seconds:.2f} s, total {self.total_seconds:.2f} s")
+            f"{self.scoring_seconds:.2f} s, "
+            + (f"calibration {self.stats.calibration_seconds:.2f} s, " if self.stats.calibration_seconds else "")
+            + f"total {self.total_seconds:.2f} s")
         return "\n".join(lines)
 
 
 def report_of(config: WoodFisherConfig, target_sparsity: float, targets: Sequence[PruningTarget],
-              stats: EventStats, total_seconds: float, unpruned_weights: Optional[int] = 0) -> PruningReport:
-    """The :class:`PruningReport` of a run that left ``targets`` as they are now."""
-    return PruningReport(config, float(target_sparsity), layer_sparsities(targets), stats, total_seconds,
-                         int(unpruned_weights or 0))
+              stats: EventStats, total_seconds: float, unpruned_weights: Optional[int] = 0,
+              reconstruction_errors: Optional[dict] = None) -> PruningReport:
+    """The :class:`PruningReport` of a run that left ``targets`` as they are now.
+
+    Args:
+        config: the configuration the run used.
+        target_sparsity: the sparsity asked for, a fraction in [0, 1).
+        targets: the pruned tensors (their sparsities are read from the variables now).
+        stats: the :class:`EventStats` of all its steps.
+        total_seconds: wall-clock seconds of the whole run.
+        unpruned_weights: entries of the model's weights that were not targets (None counts as 0).
+        reconstruction_errors: target name → relative reconstruction error (layer-wise methods), or None.
+
+    Returns:
+        The :class:`PruningReport`.
+    """
+    return PruningReport(config, float(target_sparsity), layer_sparsities(targets, reconstruction_errors), stats,
+                         total_seconds, int(unpruned_weights or 0))

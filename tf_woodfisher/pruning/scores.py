@@ -20,7 +20,10 @@ from tf_woodfisher.config import INVERSE_METHODS, METHODS, MODES
 class FisherStatistics:
     """What the scores need from the gradients; fields a method does not use are None.
 
-    inverse: an ``InverseFisher``. fisher_diagonal: (d,) λ + mean(g²). mean_gradient: (d,) ḡ.
+    Attributes:
+        inverse: an ``InverseFisher`` (WoodFisher, WoodTaylor).
+        fisher_diagonal: (d,) λ + mean(g²) (diagonal Fisher).
+        mean_gradient: (d,) ḡ (WoodTaylor).
     """
 
     inverse: object = None
@@ -29,8 +32,17 @@ class FisherStatistics:
 
     @classmethod
     def for_method(cls, method, damping, inverse=None, moments=None):
-        """Statistics for ``method`` from an ``inverse`` and ``moments`` = (ḡ, mean(g²)), each (d,), both
-        computed by the caller (None where ``method`` does not use them)."""
+        """Statistics for ``method`` from an ``inverse`` and ``moments``, both computed by the caller.
+
+        Args:
+            method: one of :data:`~tf_woodfisher.config.METHODS`.
+            damping: λ > 0, added to mean(g²) for diagonal Fisher.
+            inverse: the ``InverseFisher`` (WoodFisher, WoodTaylor), else None.
+            moments: (ḡ, mean(g²)), each a (d,) float32 tensor (diagonal Fisher, WoodTaylor), else None.
+
+        Returns:
+            The :class:`FisherStatistics` with the fields ``method`` uses set.
+        """
         if method == "diagonal_fisher":
             return cls(fisher_diagonal=damping + moments[1])
         if method == "woodtaylor":
@@ -46,7 +58,19 @@ def _newton_offset(method, stats, dtype):
 
 
 def importance_scores(method, weights, stats):
-    """(d,) scores; lower means cheaper to prune."""
+    """(d,) scores; lower means cheaper to prune.
+
+    Args:
+        method: one of :data:`~tf_woodfisher.config.METHODS` (formulas in the module docstring).
+        weights: (d,) float weights w, flat over all targets.
+        stats: the :class:`FisherStatistics` of ``method`` (unused for magnitude).
+
+    Returns:
+        (d,) tensor of ``weights``' dtype: the estimated increase of the loss, in loss units.
+
+    Raises:
+        ValueError: an unknown ``method``.
+    """
     weights = tf.convert_to_tensor(weights)
     if method == "magnitude":
         return 0.5 * tf.square(weights)
@@ -63,6 +87,15 @@ def updated_weights(method, weights, pruned, stats):
 
     Magnitude and diagonal Fisher make no correction (F diagonal: the update only zeroes Q).
     The result is not masked: the caller multiplies by the new mask.
+
+    Args:
+        method: one of :data:`~tf_woodfisher.config.METHODS`.
+        weights: (d,) float weights w, flat over all targets.
+        pruned: (d,) bool, True on the pruned set Q.
+        stats: the :class:`FisherStatistics` of ``method``.
+
+    Returns:
+        (d,) tensor of ``weights``' dtype: w + δw (``weights`` unchanged for magnitude and diagonal Fisher).
     """
     weights = tf.convert_to_tensor(weights)
     if method not in INVERSE_METHODS:
@@ -77,7 +110,21 @@ def select_pruned(scores, mask, segment_sizes, sparsity, mode):
     """The new flat 0/1 mask (float32, (d,)) with the lowest scores removed.
 
     Entries already pruned (mask 0) stay pruned. ``global``: round(sparsity·d) entries over all
-    segments; ``layerwise``: round(sparsity·n) entries in every segment of size n.
+    segments; ``layerwise``: round(sparsity·n) entries in every segment of size n; as tfmot, never all
+    of them (at least one entry of the model, or of each segment, is kept unless already pruned).
+
+    Args:
+        scores: (d,) scores (any float dtype); lower means cheaper to prune.
+        mask: (d,) current 0/1 mask.
+        segment_sizes: entries of each segment (target), summing to d (used for ``layerwise``).
+        sparsity: the fraction of entries to prune, in [0, 1); never fewer than those already pruned.
+        mode: ``'global'`` or ``'layerwise'``.
+
+    Returns:
+        The new (d,) float32 NumPy 0/1 mask.
+
+    Raises:
+        ValueError: an unknown ``mode``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -88,7 +135,7 @@ def select_pruned(scores, mask, segment_sizes, sparsity, mode):
     new_mask = np.ones_like(scores, dtype=np.float32)
     start = 0
     for size in sizes:
-        count = int(round(sparsity * size))
+        count = min(int(round(sparsity * size)), size - 1)  # as tfmot: at least one entry stays
         count = max(count, int((~keep[start:start + size]).sum()))
         if count:
             lowest = np.argpartition(scores[start:start + size], count - 1)[:count]

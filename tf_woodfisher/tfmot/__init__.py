@@ -11,14 +11,14 @@ import tf_keras as keras
 
 from tf_woodfisher import compat
 
-compat.check_versions("tensorflow", "tf_keras", "tensorflow_model_optimization")
-
 from tf_woodfisher.tfmot.callbacks import UpdatePruningStep
 from tf_woodfisher.tfmot.oneshot import one_shot_prune
 from tf_woodfisher.tfmot.prune import masks_from_zeros, prune_scope, prune_woodfisher, strip_pruning
 from tf_woodfisher.tfmot.schedules import GradualSchedule, KeepMasks, OneShotSchedule
 from tf_woodfisher.tfmot.targets import find_prunable_weights
 from tf_woodfisher.tfmot.wrapper import PruneWoodFisher
+
+compat.check_versions("tensorflow", "tf_keras", "tensorflow_model_optimization")
 
 __all__ = ["GradualSchedule", "KeepMasks", "OneShotSchedule", "PruneWoodFisher", "UpdatePruningStep",
            "find_prunable_weights", "keras", "masks_from_zeros", "one_shot_prune", "prune_scope", "prune_woodfisher",

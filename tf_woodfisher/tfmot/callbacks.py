@@ -8,35 +8,31 @@ go to the Keras logs (``History``) and, with ``log_dir``, to TensorBoard.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Optional
 
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from tf_woodfisher import compat
-from tf_woodfisher.config import WoodFisherConfig, resolve_config, validate_sparsity
-from tf_woodfisher.pruning.pruner import Pruner, prune_in_steps
-from tf_woodfisher.pruning.report import layer_sparsities
-from tf_woodfisher.tfmot.problem import keras_problem
+from tf_woodfisher.config import WoodFisherConfig, resolve_config
+from tf_woodfisher.keras_common import PruningEvents, reset_optimizer_slots
+from tf_woodfisher.pruning.pruner import Pruner
+from tf_woodfisher.tfmot.problem import compiled_loss, keras_problem
+from tf_woodfisher.tfmot.schedules import event_schedule
 from tf_woodfisher.tfmot.targets import find_prunable_weights
 from tf_woodfisher.tfmot.wrapper import PruneWoodFisher
 
 
-def reset_optimizer_slots(optimizer, targets) -> None:
-    """Zero the optimizer state (momentum, Adam moments) of masked entries of each target (mask required)."""
-    for target in targets:
-        for slot in compat.optimizer_slots(optimizer, target.variable):
-            slot.assign(slot * tf.cast(target.mask, slot.dtype))
-
-
-class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
+class UpdatePruningStep(PruningEvents, tfmot.sparsity.keras.UpdatePruningStep):
     """Use instead of tfmot's ``UpdatePruningStep``: it does everything that one does, plus WoodFisher events.
 
     Args:
         fisher_dataset: the Fisher data, a ``tf.data.Dataset`` of (x, y) pairs, batched or not (needed by
             every method but magnitude; pass it again after loading a saved model).
-        loss: the loss of the Fisher gradients (default: the loss given to ``compile``).
+        loss: the loss of the Fisher gradients: a Keras loss, or a list / dict of them per output (default:
+            the loss and ``loss_weights`` given to ``compile``, combined over the outputs as Keras does).
+        loss_weights: with ``loss``: a list or dict by output name, as ``compile``'s (default 1 each).
+        batched: whether ``fisher_dataset`` yields batches (None: told from the model's input ranks; an
+            error asks for it where they cannot tell). Sample weights of (x, y, w) data are honoured.
         config: replaces the :class:`~tf_woodfisher.WoodFisherConfig` saved in the wrappers.
         log_dir: write TensorBoard summaries of each pruning event there.
         verbose: 1 prints one line per pruning event.
@@ -48,10 +44,14 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
     """
 
     def __init__(self, fisher_dataset: Optional[tf.data.Dataset] = None, loss: Any = None,
-                 config: Optional[WoodFisherConfig] = None, log_dir: Optional[str] = None, verbose: int = 0,
-                 **overrides: Any):
+                 config: Optional[WoodFisherConfig] = None, log_dir: Optional[str] = None, verbose: int = 0, *,
+                 loss_weights: Any = None, batched: Optional[bool] = None, **overrides: Any):
         super().__init__()
         self.fisher_dataset, self.loss = fisher_dataset, loss
+        if loss_weights is not None and loss is None:
+            raise ValueError("tfw.UpdatePruningStep: loss_weights= goes with loss=; without a loss, the loss and "
+                             "loss_weights given to compile are used")
+        self.loss_weights, self.batched = loss_weights, batched
         self.config = config
         self.overrides = dict(overrides)
         if config is not None or overrides:
@@ -71,6 +71,20 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
         return resolve_config(self.config or first.woodfisher_config, self.overrides, "UpdatePruningStep")
 
     def on_train_begin(self, logs=None):
+        """tfmot's setup, then the Pruner of the model's ``PruneWoodFisher`` weights (none: tfmot only).
+
+        Resolves the configuration (the wrappers' unless ``config`` was given, with ``overrides``), reads
+        the schedule and the current ``pruning_step``, and opens the TensorBoard writer of ``log_dir``.
+
+        Args:
+            logs: the Keras logs (passed on to tfmot).
+
+        Raises:
+            ValueError: the wrappers have different WoodFisher settings or schedules, the method needs
+                gradients but no ``fisher_dataset`` was given, or the Pruner refuses the problem (see
+                :class:`~tf_woodfisher.pruning.pruner.Pruner`).
+            tf_woodfisher.fisher.memory.MemoryBudgetError: no plan of the events fits ``max_memory``.
+        """
         super().on_train_begin(logs)
         wrappers = [layer for layer in self.prunable_layers if isinstance(layer, PruneWoodFisher)]
         if not wrappers:
@@ -80,62 +94,55 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
             raise ValueError(f"tfw.UpdatePruningStep needs fisher_dataset= for method {config.method!r}: its pruning "
                              "events compute Fisher gradients (after loading a saved model, pass the Fisher data "
                              "and, unless the model is compiled with it, the loss again)")
-        loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)
+        loss, loss_weights = (self.loss, self.loss_weights) if self.loss is not None else compiled_loss(self.model)
         targets = [t for t in find_prunable_weights(self.model, warn_unpruned=False)
                    if isinstance(t.owner, PruneWoodFisher)]
-        problem = keras_problem(self.model, targets, self.fisher_dataset, loss, config)
+        problem = keras_problem(self.model, targets, self.fisher_dataset, loss, config, loss_weights=loss_weights,
+                                batched=self.batched)
         self.pruner = Pruner(problem, config, self.model.distribute_strategy)
-        self._wrappers, self.schedule = wrappers, wrappers[0].pruning_schedule
+        self._wrappers = wrappers
+        self.schedule = event_schedule(wrappers[0].pruning_schedule, config.sparsity_m_by_n, warn=True)
         self._step = int(wrappers[0].pruning_step.numpy())  # one read; then counted here, one per batch
         if self.log_dir:
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
     def on_train_batch_begin(self, batch, logs=None):
+        """tfmot's step update, then, at a pruning step of the schedule, one WoodFisher event (see :meth:`prune`).
+
+        The event runs before this batch's forward pass.
+
+        Args:
+            batch: index of the batch in the epoch (Keras' argument).
+            logs: the Keras logs.
+        """
         super().on_train_batch_begin(batch, logs)
         if self.pruner is None:
             return
-        self._step += 1  # the step this batch's forward pass will see
-        with tf.device("/cpu:0"):  # a few scalar ops on the host: no device round trip per batch
-            should_prune, sparsity = self.schedule(tf.constant(self._step, tf.int64))
-        if bool(should_prune):
-            self._step = int(self._wrappers[0].pruning_step.numpy()) + 1  # resynchronise at each event
-            self.prune(self._step, float(sparsity))
+        self._advance(lambda: int(self._wrappers[0].pruning_step.numpy()))
 
-    def prune(self, step: int, sparsity: float) -> dict:
-        """Run one pruning event (``config.steps`` Fisher recomputations) to ``sparsity`` at training ``step``.
-
-        Returns:
-            The event's record, also appended to :attr:`events`.
-        """
-        sparsity = validate_sparsity(sparsity, f"the schedule's sparsity at step {step}")
-        started = time.perf_counter()
-        pruner = self.pruner
-        stats = prune_in_steps(pruner, sparsity, pruner.config.seed, step)
-        reset_optimizer_slots(getattr(self.model, "optimizer", None), pruner.targets)
+    def _after_event(self, step: int) -> None:
+        reset_optimizer_slots(getattr(self.model, "optimizer", None), self.pruner.targets)
         for wrapper in self._wrappers:
             wrapper.masks_step.assign(step)
-        event = {"step": step, "sparsity": pruner.sparsity(), "seconds": time.perf_counter() - started,
-                 "stats": stats, "layers": {layer.name: layer.sparsity for layer in layer_sparsities(pruner.targets)}}
-        self.events.append(event)
-        if self.verbose:
-            print(f"\nWoodFisher pruning at step {step}: sparsity {event['sparsity']:.2%} in {event['seconds']:.2f} s")
-        if self._writer is not None:
-            with self._writer.as_default(step=step):
-                tf.summary.scalar("woodfisher/sparsity", event["sparsity"])
-                tf.summary.scalar("woodfisher/event_seconds", event["seconds"])
-                for name, value in event["layers"].items():
-                    tf.summary.scalar(f"woodfisher/sparsity/{name}", value)
-            self._writer.flush()
-        return event
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._events_at_epoch_begin = len(self.events)
+        """Remember where this epoch's events begin (for ``woodfisher_seconds``).
+
+        Args:
+            epoch: index of the epoch (Keras' argument).
+            logs: the Keras logs (unused).
+        """
+        self._mark_epoch()
 
     def on_epoch_end(self, batch, logs=None):  # tfmot names the epoch ``batch``
+        """tfmot's epoch end, then the WoodFisher sparsities and seconds added to ``logs``.
+
+        The keys are ``woodfisher_sparsity``, ``woodfisher_seconds`` (of this epoch's events) and
+        ``sparsity/<weight>``.
+
+        Args:
+            batch: index of the epoch (tfmot's name for it).
+            logs: the epoch's Keras logs, updated in place (None: nothing is added).
+        """
         super().on_epoch_end(batch, logs)
-        if self.pruner is None or logs is None:
-            return
-        logs["woodfisher_sparsity"] = self.pruner.sparsity()
-        logs["woodfisher_seconds"] = sum(e["seconds"] for e in self.events[getattr(self, "_events_at_epoch_begin", 0):])
-        for layer in layer_sparsities(self.pruner.targets):
-            logs[f"sparsity/{layer.name}"] = layer.sparsity
+        self._epoch_logs(logs)

@@ -16,7 +16,8 @@ import tf_keras as keras
 
 from tf_woodfisher import compat
 from tf_woodfisher.config import WoodFisherConfig
-from tf_woodfisher.tfmot.schedules import SCHEDULES
+from tf_woodfisher.pruning.structures import Structure, group_layout
+from tf_woodfisher.tfmot.schedules import SCHEDULES, event_schedule
 from tf_woodfisher.tfmot.targets import builtin_prunable, builtin_prunable_variables
 
 PruneLowMagnitude, _Pruning = compat.tfmot_pruning_classes()
@@ -72,13 +73,20 @@ class PruneWoodFisher(PruneLowMagnitude):
         self.woodfisher_config = config
 
     def build(self, input_shape):
+        structure = Structure.of(self.woodfisher_config)
+        if structure is not None:  # refuse a weight the structure does not fit now, naming it (tfmot: at build)
+            if not self.layer.built:
+                self.layer.build(input_shape)
+                self.layer.built = True
+            for weight in self.layer.get_prunable_weights():
+                group_layout(weight.shape, structure, f"{self.layer.name}/{weight.name.split('/')[-1].split(':')[0]}")
         super().build(input_shape)
         self.masks_step = self.add_weight("masks_step", shape=[], dtype=tf.int64, trainable=False,
                                           initializer=keras.initializers.Constant(-1))
-        self.pruning_obj = _MaskOnlyPruning(
+        self.pruning_obj = _MaskOnlyPruning(  # N:M masks come at step 1 only, as in tfmot
             self.masks_step, CALLBACK_REQUIRED.format(name=self.name),
             training_step_fn=lambda: self.pruning_step, pruning_vars=self.pruning_vars,
-            pruning_schedule=self.pruning_schedule, block_size=self.block_size,
+            pruning_schedule=event_schedule(self.pruning_schedule, self.sparsity_m_by_n), block_size=self.block_size,
             block_pooling_type=self.block_pooling_type, sparsity_m_by_n=self.sparsity_m_by_n)
 
     def get_config(self):

@@ -13,7 +13,7 @@ in one shot, without retraining, and measures top-1 accuracy on the official 10k
 
 The sampled methods (calibration subset, Fisher samples) run with --seeds seeds (mean ± sd).
 
-    python benchmarks/obs_methods.py                     # both models, 3 seeds (about 12 minutes on 2 CPU cores)
+    python benchmarks/obs_methods.py                     # both models, 3 seeds (about 17 minutes on 2 shared CPU cores)
     python benchmarks/obs_methods.py --seeds 1 --models mlpnet
     python benchmarks/obs_methods.py --scaling           # seconds of the solvers against layer size
 
@@ -42,7 +42,8 @@ METHODS = {
     "woodfisher_best": ("WoodFisher, best one-shot (400×10, λ=1e-4, 8 steps, one block)",
                         dict(sparse=oneshot_table.METHODS["woodfisher_best"][1], n_m=None)),
     "woodfisher_c392": ("WoodFisher, same but blocks of 392 weights",
-                        dict(sparse=dict(oneshot_table.METHODS["woodfisher_best"][1], fisher_block_size=392), n_m=None)),
+                        dict(sparse=dict(oneshot_table.METHODS["woodfisher_best"][1], fisher_block_size=392),
+                             n_m=None)),
     "woodfisher_sequential": ("WoodFisher, blocks of 392, sequential=True",
                               dict(sparse=dict(oneshot_table.METHODS["woodfisher_best"][1], fisher_block_size=392,
                                                sequential=True), n_m=None)),

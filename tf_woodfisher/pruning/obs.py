@@ -32,7 +32,6 @@ outputs (the dense model's, from pruned-upstream inputs). Host-side loops run ov
 of rows bounded by memory, or groups of equal-size blocks, never over single rows or blocks. This module
 imports no Keras.
 """
-from __future__ import annotations
 
 import math
 import numbers

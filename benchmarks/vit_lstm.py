@@ -45,17 +45,20 @@ def parse_args(argv=None):
     parser.add_argument("--sparsities", type=float, nargs="+", help="targets (default 0.5 0.7 0.9)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the pruning runs (default 0 1 2)")
     parser.add_argument("--parts", nargs="+", choices=["oneshot", "gradual"], default=["oneshot", "gradual"])
-    parser.add_argument("--dense-epochs", type=int, help="epochs of the dense training (default 20)")
+    parser.add_argument("--dense-epochs", type=int, help="epochs of the dense training (default 40)")
     parser.add_argument("--epochs", type=int, help="epochs of each gradual run (default 6)")
     parser.add_argument("--frequency", type=int, default=20, help="steps between gradual pruning events")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense training")
     parser.add_argument("--prune-lr", type=float, default=5e-4, help="Adam learning rate of the gradual runs")
     wf = parser.add_argument_group("WoodFisher settings")
-    wf.add_argument("--num-gradients", type=int, help="Fisher gradients per event (default 256)")
+    wf.add_argument("--num-gradients", type=int, help="Fisher gradients per event (default 512)")
     wf.add_argument("--fisher-batch-size", type=int, default=4, help="samples averaged into each gradient")
     wf.add_argument("--fisher-block-size", type=int, default=2000)
-    wf.add_argument("--damping", type=float, default=1e-4)
+    wf.add_argument("--damping", type=float, default=1e-5)
+    wf.add_argument("--no-update", dest="update", action="store_false", help="no OBS weight update (scores only)")
+    wf.add_argument("--woodfisher-mode", choices=["global", "layerwise"], default="global",
+                    help="WoodFisher's threshold in the gradual runs")
     wf.add_argument("--oneshot-steps", type=int, default=4, help="Fisher recomputations of a one-shot prune")
     parser.add_argument("--quick", action="store_true", help="smoke test: 90 %%, seed 0, 1 dense epoch, 1 epoch, "
                                                              "16 gradients")
@@ -65,8 +68,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     quick = args.quick
     for name, value in dict(sparsities=[0.9] if quick else [0.5, 0.7, 0.9], seeds=[0] if quick else [0, 1, 2],
-                            dense_epochs=1 if quick else 20, epochs=1 if quick else 6,
-                            num_gradients=16 if quick else 256).items():
+                            dense_epochs=1 if quick else 40, epochs=1 if quick else 6,
+                            num_gradients=16 if quick else 512).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.out is None and not quick:
@@ -76,7 +79,7 @@ def parse_args(argv=None):
 
 def woodfisher_settings(args):
     return dict(num_gradients=args.num_gradients, fisher_batch_size=args.fisher_batch_size,
-                fisher_block_size=args.fisher_block_size, damping=args.damping)
+                fisher_block_size=args.fisher_block_size, damping=args.damping, update=args.update)
 
 
 def dense_model(name, args, x_train, y_train):
@@ -123,7 +126,7 @@ def gradual_run(name, dense, method, target, seed, args, mnist):
         model = tfmot.sparsity.keras.prune_low_magnitude(base, tfmot.sparsity.keras.PolynomialDecay(**ramp))
         callback = tfmot.sparsity.keras.UpdatePruningStep()
     else:
-        model = tfw.prune_woodfisher(base, tfw.GradualSchedule(**ramp), method="woodfisher", mode="global",
+        model = tfw.prune_woodfisher(base, tfw.GradualSchedule(**ramp), method="woodfisher", mode=args.woodfisher_mode,
                                      seed=100_000 * seed, **woodfisher_settings(args))
         callback = tfw.UpdatePruningStep(mnist.train, common.LOSS)
     model.compile(keras.optimizers.Adam(args.prune_lr), common.LOSS)
@@ -132,6 +135,8 @@ def gradual_run(name, dense, method, target, seed, args, mnist):
               callbacks=[callback], verbose=0)
     stripped = tfw.strip_pruning(model)
     events = getattr(callback, "events", None)
+    layers = {t.name: common.kernel_sparsity([t.variable]) for t in tfw.find_prunable_weights(stripped)}
+    print(f"  {method} per layer: " + ", ".join(f"{k} {v:.0%}" for k, v in layers.items()), flush=True)
     return {"model": name, "part": "gradual", "method": method, "target": target, "seed": seed,
             "sparsity": pruned_share(stripped), "accuracy": common.accuracy(stripped, mnist.x_test, mnist.y_test),
             "seconds": time.perf_counter() - started,

@@ -202,7 +202,7 @@ class Pruner:
         """
         config, progress = self.config, _Progress(on_progress)
         self.executor.take_traffic()
-        timer = _Timer()
+        timer = PhaseTimer()
         mask = current_masks(self.targets)
         dtype = value_dtype(self.targets)  # float64 models keep their precision
         assign_weights(self.targets, flatten(self.variables, dtype), mask)
@@ -337,11 +337,15 @@ def prune_in_steps(pruner: Pruner, target_sparsity: float, seed: int, *indices: 
     return stats
 
 
-class _Timer:
-    """Wall-clock seconds by phase: ``with timer('gradient'): ...``."""
+class PhaseTimer:
+    """Wall-clock seconds by phase: ``with timer('gradient'): ...``.
 
-    def __init__(self):
-        self.seconds = {"gradient": 0.0, "inverse": 0.0, "scoring": 0.0}
+    Args:
+        phases: the phase names; ``seconds`` maps each to its total.
+    """
+
+    def __init__(self, *phases: str):
+        self.seconds = dict.fromkeys(phases or ("gradient", "inverse", "scoring"), 0.0)
 
     @contextlib.contextmanager
     def __call__(self, phase):

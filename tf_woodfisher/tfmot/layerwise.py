@@ -65,6 +65,7 @@ from tf_woodfisher import compat
 from tf_woodfisher.config import WoodFisherConfig
 from tf_woodfisher.fisher.gradients import looks_batched
 from tf_woodfisher.pruning import obs
+from tf_woodfisher.pruning.pruner import PhaseTimer
 from tf_woodfisher.pruning.report import EventStats, PruningReport, report_of
 from tf_woodfisher.pruning.targets import PruningTarget, assign_weights, current_masks
 from tf_woodfisher.tfmot.problem import input_rank
@@ -568,19 +569,6 @@ def _paired_hessians(model, batches, kernel, done: Sequence[PruningTarget], dens
     return paired
 
 
-class _Timer:
-    def __init__(self):
-        self.seconds = {"calibration": 0.0, "scoring": 0.0}
-
-    @contextlib.contextmanager
-    def __call__(self, phase):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.perf_counter() - started
-
-
 def layerwise_prune(model, targets: Sequence[PruningTarget], dataset, config: WoodFisherConfig,
                     target_sparsity: float, *, explicit: bool = False, verbose: int = 0,
                     started: Optional[float] = None, unpruned: Optional[Callable[[list], int]] = None,
@@ -624,7 +612,7 @@ def layerwise_prune(model, targets: Sequence[PruningTarget], dataset, config: Wo
     if start_sparsity > target_sparsity:
         warnings.warn(f"the model is already {start_sparsity:.2%} sparse, above target {target_sparsity:.2%}; "
                       "pruned weights stay pruned", RuntimeWarning, stacklevel=3)
-    timer = _Timer()
+    timer = PhaseTimer("calibration", "scoring")
     with timer("calibration"):
         batches, _ = calibration_inputs(dataset, model, config.calibration_samples)
     if n_m is not None or config.mode == "layerwise":

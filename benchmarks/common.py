@@ -63,6 +63,15 @@ def mnist_dir(path=None):
     return os.path.normpath(DEFAULT_MNIST_DIR) if os.path.isdir(DEFAULT_MNIST_DIR) else None
 
 
+def add_mnist_model_options(parser):
+    """The options of the MNIST one-shot scripts' models: --data-dir, --weights (MLPNet), --cnn-epochs, --cnn-seed
+    (the small CNN trained here, cached under benchmarks/out/)."""
+    parser.add_argument("--data-dir", help=MNIST_HELP)
+    parser.add_argument("--weights", help=MLPNET_HELP)
+    parser.add_argument("--cnn-epochs", type=int, default=3, help="epochs of the small CNN's training")
+    parser.add_argument("--cnn-seed", type=int, default=0, help="seed of the small CNN's weights and data order")
+
+
 def mlpnet_npz(path=None):
     """``path``, else $TFW_MLPNET_NPZ, else ../shared/models/mlpnet_mnist_reference.npz next to the repo;
     exits with an error if there is no file there."""

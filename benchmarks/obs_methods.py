@@ -15,6 +15,7 @@ The sampled methods (calibration subset, Fisher samples) run with --seeds seeds 
 
     python benchmarks/obs_methods.py                     # both models, 3 seeds (about 17 minutes on 2 shared CPU cores)
     python benchmarks/obs_methods.py --seeds 1 --models mlpnet
+    python benchmarks/obs_methods.py --models mlpnet --methods sparsegpt --targets 2:4 --out /tmp/obs  # one cell
     python benchmarks/obs_methods.py --scaling           # seconds of the solvers against layer size
 
 Outputs under --out (default benchmarks/results): obs_methods.csv (one row per run, per-layer sparsities and
@@ -50,7 +51,7 @@ METHODS = {
     "obc": ("OBC (exact greedy OBS per row, rows merged)",
             dict(sparse=dict(method="obc", mode="global", percdamp=0.001),
                  n_m=dict(method="obc", sparsity_m_by_n=(2, 4), calibration_samples=512))),
-    "sparsegpt": ("SparseGPT (blocks of 128 columns)",
+    "sparsegpt": ("SparseGPT (blocks of 128 columns; 2:4: act order, CG refinement)",
                   dict(sparse=dict(method="sparsegpt", mode="global", percdamp=0.001),
                        n_m=dict(method="sparsegpt", sparsity_m_by_n=(2, 4), calibration_samples=512))),
 }
@@ -84,7 +85,8 @@ def run(model_key, dense, mnist, method, target, seed, args):
     else:
         data = mnist.train
     started = time.perf_counter()
-    report = tfw.one_shot_prune(model, data, common.LOSS, sparsity, seed=seed, verbose=0, **kwargs)
+    seeded = {} if method in LAYERWISE else dict(seed=seed)  # the layer-wise methods: a calibration subset per seed
+    report = tfw.one_shot_prune(model, data, common.LOSS, sparsity, verbose=0, **seeded, **kwargs)
     seconds = time.perf_counter() - started
     accuracy = common.accuracy(model, mnist.x_test, mnist.y_test)
     print(f"{model_key:7s} {method:16s} {str(target):5s} seed {seed}: {accuracy:.2%} "
@@ -170,16 +172,17 @@ def parse_args(argv=None):
     parser.add_argument("--models", nargs="+", choices=["mlpnet", "cnn"], default=["mlpnet", "cnn"])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the sampled methods (default 3)")
+    parser.add_argument("--targets", nargs="+", choices=[str(t) for t in TARGETS], default=[str(t) for t in TARGETS],
+                        help="targets to run (default all; the others show as —)")
     parser.add_argument("--calibration-samples", type=int, default=2000,
                         help="calibration inputs of OBC/SparseGPT at 95/98%% (2:4 always uses 512)")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="output folder (default benchmarks/results)")
-    parser.add_argument("--data-dir", help=common.MNIST_HELP)
-    parser.add_argument("--weights", help=common.MLPNET_HELP)
-    parser.add_argument("--cnn-epochs", type=int, default=3)
-    parser.add_argument("--cnn-seed", type=int, default=0)
+    common.add_mnist_model_options(parser)
     parser.add_argument("--scaling", action="store_true",
                         help="only the cost of the solvers against layer size (obs_methods_scaling.md/.csv)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.targets = [t for t in TARGETS if str(t) in args.targets]
+    return args
 
 
 def main(argv=None):
@@ -195,7 +198,7 @@ def main(argv=None):
         dense, recipe = load(args, mnist)
         infos[key] = dict(title=title, recipe=recipe, dense=common.accuracy(dense, mnist.x_test, mnist.y_test))
         for method in args.methods:
-            for target in TARGETS:
+            for target in args.targets:
                 for seed in range(args.seeds if sampled(method) else 1):
                     row = run(key, dense, mnist, method, target, seed, args)
                     if row is not None:
@@ -215,7 +218,9 @@ def main(argv=None):
         "at a time with rank-1 downdates of each block inverse, the next block chosen globally by least loss "
         "increase); magnitude: `mode='global'`.",
         "- 2:4: `sparsity_m_by_n=(2, 4)` (tfmot's convention: 2 zeros in every 4 consecutive input channels) with "
-        "512 calibration inputs (`percdamp=0.01`) for OBC/SparseGPT; magnitude 2:4 is tfmot's rule (the 2 "
+        "512 calibration inputs (`percdamp=0.01`) for OBC/SparseGPT (SparseGPT with its N:M defaults: groups "
+        "swept in decreasing diag H, 'act order', and the kept weights refined for the chosen mask by up to "
+        "64 conjugate-gradient iterations); magnitude 2:4 is tfmot's rule (the 2 "
         "smallest |w| of each group). The first conv of the small CNN has one input channel, so under tfmot's "
         "padding rule its groups keep their single weight (it stays dense).",
         "- seconds: mean wall-clock seconds per run at 95% / 98% / 2:4 on this machine (calibration forward "

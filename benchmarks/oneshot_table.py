@@ -280,10 +280,7 @@ def parse_args(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the table, plot and markdown from the runs in the CSV "
                              "(implies --resume)")
-    parser.add_argument("--data-dir", help=common.MNIST_HELP)
-    parser.add_argument("--weights", help=common.MLPNET_HELP)
-    parser.add_argument("--cnn-epochs", type=int, default=3)
-    parser.add_argument("--cnn-seed", type=int, default=0)
+    common.add_mnist_model_options(parser)
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.resume = args.resume or args.report_only

@@ -12,10 +12,14 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 import common  # noqa: F401  (first: imports tf_woodfisher before TensorFlow)
+import tf_woodfisher as tfw
 import tensorflow as tf
 import tf_keras as keras
-from tf_woodfisher.fisher.gradients import collect_gradients, looks_batched, make_gradient_fn
+from tf_woodfisher.fisher.gradients import (collect_gradient_columns, collect_gradients, looks_batched,
+                                            make_gradient_fn)
 
 # Per-sample cross-entropies (the numerical core takes (y_true, y_pred) → losses of shape (n,)).
 LOGITS_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=keras.losses.Reduction.NONE)
@@ -119,3 +123,57 @@ def run_child(what, *args):
     if result.returncode or not lines:
         sys.exit(f"{what} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+class UserGradients:
+    """The gradient stage as ``one_shot_prune`` runs it on the tfmot path: the problem of
+    ``tf_woodfisher.tfmot.problem.keras_problem`` (its gradient function: the layer rules, checked once against
+    the vectorised path), called as ``Pruner`` calls ``collect_gradient_columns`` (the stage's mask, the
+    config's shuffle buffer and gradient dtype, the planner's chunking).
+
+    ``loss``: a Keras loss as the user gives it (e.g. ``SparseCategoricalCrossentropy(from_logits=True)``).
+    ``self(num_gradients, fisher_batch_size)``: per variable, its (num_gradients, size) matrix.
+    ``self.gradient_fn``: the compiled gradient function, made once and reused by every call (as ``Pruner``
+    reuses it across the events of a run); its first call traces it and runs the check.
+    """
+
+    def __init__(self, model, dataset, loss, **config):
+        from tf_woodfisher.config import WoodFisherConfig
+        from tf_woodfisher.fisher.gradients import fisher_loss
+        from tf_woodfisher.tfmot.problem import keras_problem
+
+        self.targets = tfw.find_prunable_weights(model)
+        self.variables = [t.variable for t in self.targets]
+        self.config = WoodFisherConfig(**config)
+        self.problem = keras_problem(model, self.targets, dataset, loss, self.config)
+        self.gradient_fn = self.problem.make_gradient_fn(self.problem.forward, self.variables,
+                                                         fisher_loss(self.problem.loss, self.problem.dataset))
+        self.mask = tf.ones([sum(int(v.shape.num_elements()) for v in self.variables)], tf.float32)
+
+    def __call__(self, num_gradients, fisher_batch_size=1, chunk_gradients=None):
+        p, c = self.problem, self.config
+        return collect_gradient_columns(p.forward, self.variables, p.dataset, p.loss, num_gradients, fisher_batch_size,
+                                        self.mask, c.seed, c.shuffle_buffer, chunk_gradients=chunk_gradients,
+                                        dtype=c.gradient_dtype, batched=p.batched, gradient_fn=self.gradient_fn)
+
+
+def batched_gradient_fn(model, variables, loss_fn):
+    """The physical floor of a gradient stage: a compiled gradient of the MEAN loss of a batch (x, y) in inference
+    mode, ``tape.gradient(mean(loss_fn(y, model(x, training=False))), variables)``, one tensor per variable."""
+
+    @tf.function
+    def gradient(x, y):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(variables)
+            loss = tf.reduce_mean(loss_fn(y, model(x, training=False)))
+        return tape.gradient(loss, variables)
+
+    return gradient
+
+
+def write_floor_seconds(rows, cols):
+    """Seconds to write a fresh (rows, cols) float32 array (allocate, then fill every entry): the memory-bandwidth
+    floor of a stage whose output is that matrix (any engine must write it at least once)."""
+    tick = time.perf_counter()
+    np.empty((rows, cols), np.float32).fill(1.0)
+    return time.perf_counter() - tick

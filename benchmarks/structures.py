@@ -140,10 +140,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the sampled methods (default 3)")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="output folder (default benchmarks/results)")
     parser.add_argument("--no-export", action="store_true", help="skip the .tflite table")
-    parser.add_argument("--data-dir", help=common.MNIST_HELP)
-    parser.add_argument("--weights", help=common.MLPNET_HELP)
-    parser.add_argument("--cnn-epochs", type=int, default=3)
-    parser.add_argument("--cnn-seed", type=int, default=0)
+    common.add_mnist_model_options(parser)
     return parser.parse_args(argv)
 
 

@@ -303,3 +303,30 @@ def test_recalibration_errors():
     with pytest.raises(ValueError, match="num_batches"):
         recalibrate_batchnorm(model, np.ones((4, 6, 6, 3), np.float32), num_batches=0)
     assert "call" not in vars(model.get_layer("b1"))  # no patched call left behind
+
+
+# ------------------------------------------------------------------------------------------ weight selection
+
+def test_paper_protocol_selection_changes_only_the_stage_convolutions(resnet20_npz, cifar10_dir):
+    """layers= the 18 stage convolutions: only their kernels change, the threshold is global over them."""
+    model = models.resnet20_cifar(resnet20_npz)
+    x, y = data.load_cifar10("train", cifar10_dir)
+    fisher = tf.data.Dataset.from_tensor_slices((x[:16], y[:16]))
+    before = _snapshot(model.variables)
+    report = tfw.one_shot_prune(model, fisher, keras.losses.SparseCategoricalCrossentropy(from_logits=True), 0.7,
+                                layers=list(models.RESNET20_STAGE_CONV_NAMES), num_gradients=16, verbose=0)
+    assert _changed(before, model.variables) == sorted(f"{n}/kernel:0" for n in models.RESNET20_STAGE_CONV_NAMES)
+    kernels = [layer.kernel.numpy() for layer in models.resnet20_stage_convolutions(model)]
+    assert np.mean(np.concatenate([k.ravel() for k in kernels]) == 0) == pytest.approx(0.7, abs=1e-5)
+    assert len({round(float(np.mean(k == 0)), 2) for k in kernels}) > 3  # one global threshold, not per layer
+    assert [layer.name for layer in report.layers] == [f"{n}/kernel" for n in models.RESNET20_STAGE_CONV_NAMES]
+    # the same selection as a predicate and as layer objects
+    for selection in (lambda m: lambda layer: layer.name in models.RESNET20_STAGE_CONV_NAMES,
+                      models.resnet20_stage_convolutions):
+        other = models.resnet20_cifar(resnet20_npz)
+        tfw.one_shot_prune(other, None, None, 0.7, method="magnitude", layers=selection(other), verbose=0)
+        zeros = [np.mean(layer.kernel.numpy() == 0) for layer in models.resnet20_stage_convolutions(other)]
+        assert np.mean(zeros) > 0.5 and np.mean(other.get_layer("conv1").kernel.numpy() == 0) == 0
+    with pytest.raises(ValueError, match="'layer9_\\*' matches no layer"):
+        tfw.one_shot_prune(model, None, None, 0.7, method="magnitude", layers=["layer1_0_conv1", "layer9_*"],
+                           verbose=0)

@@ -92,8 +92,16 @@ def test_dense_mlp_and_rank3_dense(group_size):
     assert all_rules(check(model, x, y))
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-op", "per-offset-or-looped"])
 @pytest.mark.parametrize("group_size", [1, 2])
-def test_conv_variants(group_size):
+def test_conv_variants(group_size, grouped, monkeypatch):
+    """Both kernel-gradient paths of rank 1 and 2: one grouped Conv2DBackpropFilter over all groups (where
+    TensorFlow has it, e.g. oneDNN) and, without it, per-offset contractions (b = 1) or per-group ops (b > 1)."""
+    from tf_woodfisher.fisher import rules
+
+    if grouped and not rules._grouped_conv_supported():
+        pytest.skip("no grouped convolution kernel gradient in this TensorFlow build")
+    monkeypatch.setattr(rules, "_GROUPED_SUPPORT", [grouped])
     seq = keras.Input((11, 4))
     img = keras.Input((9, 8, 4))
     vol = keras.Input((5, 6, 4, 2))
@@ -109,6 +117,25 @@ def test_conv_variants(group_size):
         keras.layers.Conv3D(2, (2, 3, 2), strides=(1, 2, 1), padding="same")(vol),
     ]
     model = keras.Model([seq, img, vol], head(keras.layers.Concatenate()([keras.layers.Flatten()(o) for o in outs])))
+    x, y = data(model, 3, group_size)
+    assert all_rules(check(model, x, y))
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_pointwise_convs(group_size):
+    """1×1 convolutions (a Dense over the strided positions: one batched matmul), 'same' and 'valid', strided
+    on odd sizes; a grouped 1×1 takes the convolution path."""
+    seq = keras.Input((9, 4))
+    img = keras.Input((9, 7, 4))
+    outs = [
+        keras.layers.Conv2D(3, 1)(img),
+        keras.layers.Conv2D(3, 1, strides=2, padding="same", use_bias=False)(img),
+        keras.layers.Conv2D(2, 1, strides=(2, 3), padding="valid", activation="relu")(img),
+        keras.layers.Conv2D(4, 1, groups=2)(img),
+        keras.layers.Conv1D(3, 1, strides=2, padding="same")(seq),
+        keras.layers.Conv1D(2, 1, padding="causal")(seq),
+    ]
+    model = keras.Model([seq, img], head(keras.layers.Concatenate()([keras.layers.Flatten()(o) for o in outs])))
     x, y = data(model, 3, group_size)
     assert all_rules(check(model, x, y))
 

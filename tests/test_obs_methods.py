@@ -258,10 +258,76 @@ def test_sequential_obs_argument_errors():
 def test_sparsegpt_equals_numpy_transcription_of_the_reference(n_m, block):
     W, H, _ = layer_problem(9, rows=7, cols=40)
     result = obs.sparsegpt_prune(W, H, sparsity=None if n_m else 0.6, n_m=n_m, block_size=block, damping=0.01,
-                                 dtype=tf.float64)
+                                 act_order=False, refine=0, dtype=tf.float64)
     w_ref, pruned = sparsegpt_reference(W, H, 0.6, n_m, min(block, 40), 0.01)
     np.testing.assert_array_equal(result.mask.numpy() == 0, pruned)
     np.testing.assert_allclose(result.weights.numpy(), w_ref, atol=1e-10)
+    delta = np.where(np.diag(H) > 0, W, 0.0) - result.weights.numpy()  # inputs never active: out at no cost
+    # the reported loss: ½δᵀHδ on the damped H, the sweep's Σ err²/2
+    Hd = np.linalg.inv(damped_numpy_inverse(H, 0.01))
+    np.testing.assert_allclose(result.losses[:, 0], 0.5 * np.sum((delta @ Hd) * delta, axis=1), rtol=1e-8)
+
+
+@pytest.mark.parametrize("n_m", [None, (2, 4)])
+def test_sparsegpt_act_order_is_the_reference_sweep_of_the_permuted_layer(n_m):
+    """act_order: columns by decreasing diag H; N:M: the pattern's groups by decreasing Σ diag H, each
+    group's columns by decreasing diag H (the groups stay those of the pattern)."""
+    W, H, _ = layer_problem(16, rows=7, cols=40)
+    result = obs.sparsegpt_prune(W, H, sparsity=None if n_m else 0.6, n_m=n_m, block_size=8, act_order=True,
+                                 refine=0, dtype=tf.float64)
+    d = np.diag(H)
+    if n_m is None:
+        perm = np.argsort(-d, kind="stable")
+    else:
+        groups = np.argsort(-d.reshape(10, 4).sum(axis=1), kind="stable")
+        perm = np.concatenate([g * 4 + np.argsort(-d[g * 4:g * 4 + 4], kind="stable") for g in groups])
+    w_ref, pruned = sparsegpt_reference(W[:, perm], H[np.ix_(perm, perm)], 0.6, n_m, 8, 0.01)
+    back = np.argsort(perm)
+    np.testing.assert_array_equal(result.mask.numpy() == 0, pruned[:, back])
+    np.testing.assert_allclose(result.weights.numpy(), w_ref[:, back], atol=1e-10)
+    if n_m is not None:
+        np.testing.assert_array_equal((result.mask.numpy() == 0).reshape(7, 10, 4).sum(axis=-1), 2)
+
+
+@pytest.mark.parametrize("n_m", [None, (2, 4)])
+def test_sparsegpt_refine_reaches_the_joint_obs_update_of_its_mask(n_m):
+    """refine: CG on the kept weights with the sweep's mask fixed converges to w − H⁻¹E_Q[(H⁻¹)_QQ]⁻¹w_Q per
+    row (NumPy, explicit inverse), and never raises a row's loss; the mask is the sweep's."""
+    W, H, _ = layer_problem(17, rows=6, cols=32)
+    kwargs = dict(sparsity=None if n_m else 0.5, n_m=n_m, act_order=n_m is not None)
+    sweep = obs.sparsegpt_prune(W, H, refine=0, dtype=tf.float64, **kwargs)
+    refined = obs.sparsegpt_prune(W, H, refine=500, dtype=tf.float64, **kwargs)
+    np.testing.assert_array_equal(refined.mask.numpy(), sweep.mask.numpy())
+    inverse = damped_numpy_inverse(H, 0.01)
+    for r in range(6):
+        Q = np.flatnonzero(sweep.mask.numpy()[r] == 0)
+        expected = W[r] - inverse[:, Q] @ np.linalg.solve(inverse[np.ix_(Q, Q)], W[r, Q])
+        expected[Q] = 0.0
+        np.testing.assert_allclose(refined.weights.numpy()[r], expected, rtol=1e-5, atol=1e-6)  # CG stops at 1e-6
+    assert np.all(refined.losses <= sweep.losses + 1e-12)
+    assert obs.reconstruction_error(W, refined.weights.numpy(), H) < obs.reconstruction_error(
+        W, sweep.weights.numpy(), H)
+    float32 = obs.sparsegpt_prune(W, H, **kwargs, refine=64)  # the default count, float32: close to exact
+    assert obs.reconstruction_error(W, float32.weights.numpy(), H) < 1.01 * obs.reconstruction_error(
+        W, refined.weights.numpy(), H)
+    with pytest.raises(ValueError, match="refine must be an int"):
+        obs.sparsegpt_prune(W, H, 0.5, refine=-1)
+
+
+def test_sparsegpt_n_m_defaults_and_batched_problems():
+    """With n_m the defaults are act_order=True, refine=SPARSEGPT_REFINE; (G, rows, cols) problems each get
+    their own column order, as when pruned separately."""
+    problems = [layer_problem(s, rows=5, cols=16, samples=200) for s in (18, 19)]
+    W = np.stack([p[0] for p in problems])
+    H = np.stack([p[1] for p in problems]) + 1e-3 * np.eye(16)
+    default = obs.sparsegpt_prune(W[0], H[0], n_m=(2, 4), dtype=tf.float64)
+    explicit = obs.sparsegpt_prune(W[0], H[0], n_m=(2, 4), act_order=True, refine=obs.SPARSEGPT_REFINE,
+                                   dtype=tf.float64)
+    np.testing.assert_array_equal(default.weights.numpy(), explicit.weights.numpy())
+    together = obs.sparsegpt_prune(W, H, n_m=(2, 4), dtype=tf.float64).weights.numpy()
+    for g in range(2):
+        np.testing.assert_allclose(together[g], obs.sparsegpt_prune(W[g], H[g], n_m=(2, 4), dtype=tf.float64)
+                                   .weights.numpy(), atol=1e-10)
 
 
 # SparseGPT's reconstruction error is at most this multiple of OBC's (measured on these correlated ReLU-like
@@ -704,3 +770,15 @@ def test_one_shot_sequential_woodfisher_runs_and_composes_with_steps():
         assert report.sparsity == pytest.approx(0.7, abs=1e-3)
         results[sequential] = np.concatenate([w.ravel() for w in model.get_weights()])
     assert not np.allclose(results[False], results[True])
+
+
+def test_layerwise_seed_is_not_silently_ignored():
+    """obc/sparsegpt calibrate on the dataset's first inputs: a seed draws nothing, and says so."""
+    _, data = calibration()
+    first = mlp()
+    tfw.one_shot_prune(first, data, None, 0.5, method="sparsegpt", verbose=0)
+    seeded = mlp()
+    with pytest.warns(RuntimeWarning, match=r"seed=3 is not used by method 'sparsegpt'.*shuffle the dataset"):
+        tfw.one_shot_prune(seeded, data, None, 0.5, method="sparsegpt", seed=3, verbose=0)
+    for a, b in zip(first.get_weights(), seeded.get_weights()):
+        np.testing.assert_array_equal(a, b)

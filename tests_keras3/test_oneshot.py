@@ -162,3 +162,42 @@ def test_bad_input(rng):
         tfw3.one_shot_prune(model, data, LOSS, 0.5, num_gradients=0)
     with pytest.raises(TypeError, match="loss must be a Keras loss"):
         tfw3.one_shot_prune(model, data, 3, 0.5)
+
+
+@pytest.mark.parametrize("method", ["woodfisher", "magnitude"])
+def test_loss_diagnostics_equal_numpy(rng, method):
+    """diagnostics=True reaches the Keras 3 entry point: ḡᵀδw + ½δwᵀFδw against NumPy, and the measured change."""
+    model, data, w, grads = softmax_regression(rng)
+    x, y = (np.stack([e[i].numpy() for e in data]) for i in (0, 1))
+
+    def mean_loss():
+        return float(np.mean(keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True)))
+
+    before = mean_loss()
+    report = tfw3.one_shot_prune(model, data, LOSS, 0.6, method=method, num_gradients=len(grads), damping=1e-3,
+                                 diagnostics=True, verbose=0)
+    delta = model.layers[0].kernel.numpy().ravel() - w
+    quadratic = 0.5 * (1e-3 * delta @ delta + np.sum((grads @ delta) ** 2) / len(grads))
+    np.testing.assert_allclose(report.quadratic_loss_increase, quadratic, rtol=1e-4)
+    np.testing.assert_allclose(report.predicted_loss_increase, grads.mean(0) @ delta + quadratic, rtol=1e-4)
+    np.testing.assert_allclose(report.measured_loss_increase, mean_loss() - before, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("settings", [dict(method="woodfisher", fisher_block_size=4), dict(method="magnitude"),
+                                      dict(method="woodfisher", steps=2), dict(method="sparsegpt")])
+def test_sweep_points_equal_one_shot_runs_and_the_model_is_restored(rng, settings):
+    model, data, _, _ = softmax_regression(rng, n=48)
+    start = model.get_weights()
+    common = dict(num_gradients=24, damping=1e-3, shuffle_buffer=0, verbose=0, **settings)
+    points = tfw3.one_shot_sweep(model, data, LOSS, (0.3, 0.7), lambda m: m.get_weights()[0].copy(), **common)
+    for a, b in zip(start, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for point in points:
+        fresh = keras.models.clone_model(model)
+        fresh.set_weights(start)
+        tfw3.one_shot_prune(fresh, data, LOSS, point.sparsity, **common)
+        np.testing.assert_allclose(point.value, fresh.get_weights()[0], rtol=1e-5, atol=1e-6)
+        assert point.report.sparsity == pytest.approx(point.sparsity, abs=0.04)
+    cumulative = tfw3.one_shot_sweep(model, data, LOSS, (0.3, 0.7), lambda m: m.get_weights()[0].copy(),
+                                     cumulative=settings["method"] != "sparsegpt", **common)
+    assert np.mean(cumulative[1].value == 0) == pytest.approx(0.7, abs=0.04)

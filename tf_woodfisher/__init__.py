@@ -17,10 +17,10 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "tf_woodfisher.config": ("WoodFisherConfig",),
-    "tf_woodfisher.pruning": ("PruningReport",),
+    "tf_woodfisher.pruning": ("PruningReport", "SweepPoint"),
     "tf_woodfisher.tfmot": ("GradualSchedule", "KeepMasks", "OneShotSchedule", "PruneWoodFisher", "UpdatePruningStep",
-                            "find_prunable_weights", "keras", "masks_from_zeros", "one_shot_prune", "prune_scope",
-                            "prune_woodfisher", "strip_pruning", "tf"),
+                            "find_prunable_weights", "keras", "masks_from_zeros", "one_shot_prune", "one_shot_sweep",
+                            "prune_scope", "prune_woodfisher", "strip_pruning", "tf"),
     "tf_woodfisher.export": ("TFLiteExport", "TFLiteVerificationError", "export_tflite"),
     "tf_woodfisher.batchnorm": ("recalibrate_batchnorm",),
 }

@@ -228,6 +228,24 @@ def keras3_build_shapes(layer: Any) -> Any:
     return getattr(layer, "_build_shapes_dict", None)
 
 
+def keras3_sublayers(layer: Any) -> list:
+    """A Keras 3 layer and every layer inside it, depth first (MultiHeadAttention's four EinsumDense, say).
+
+    Args:
+        layer: a Keras 3 layer.
+
+    Returns:
+        Its private ``Layer._flatten_layers()`` (the layer first).
+
+    Raises:
+        CompatibilityError: Keras 3 no longer has that method.
+    """
+    try:
+        return list(layer._flatten_layers(include_self=True, recursive=True))
+    except (AttributeError, TypeError) as error:
+        raise _missing("keras3_sublayers", "keras", error) from error
+
+
 def optimizer_slots(optimizer: Any, variable: Any) -> list:
     """The optimizer's per-weight state (momentum, Adam moments, ...) of ``variable``.
 
@@ -283,13 +301,13 @@ def _keras3_optimizer_slots(optimizer: Any, variable: Any) -> list:
 def capture_call_inputs(layer: Any, on_inputs: Callable[[Any], None]) -> Iterator[None]:
     """While active, ``on_inputs(inputs)`` sees the first argument of every call of ``layer.call``.
 
-    tf_keras' ``Layer.__call__`` (and tfmot's wrapper, which calls ``self.layer.call``) look ``call`` up
-    on the instance at every call, so an instance attribute shadows the class's method; the original
-    state is restored on exit, also when the body raises. Used by the layer-wise methods
-    (:mod:`tf_woodfisher.tfmot.layerwise`) to read each layer's inputs during eager forward passes.
+    tf_keras' and Keras 3's ``Layer.__call__`` (and tfmot's wrapper, which calls ``self.layer.call``) look
+    ``call`` up on the instance at every call, so an instance attribute shadows the class's method; the
+    original state is restored on exit, also when the body raises. Used by the layer-wise methods
+    (:mod:`tf_woodfisher.keras_layerwise`) to read each layer's inputs during eager forward passes.
 
     Args:
-        layer: a tf_keras layer (a sublayer of a model: MultiHeadAttention's EinsumDense, say).
+        layer: a tf_keras or Keras 3 layer (a sublayer of a model: MultiHeadAttention's EinsumDense, say).
         on_inputs: called with the layer's input tensor (the first positional argument of ``call``).
 
     Yields:
@@ -308,7 +326,8 @@ def capture_call_inputs(layer: Any, on_inputs: Callable[[Any], None]) -> Iterato
     try:
         object.__setattr__(layer, "call", call)
     except (AttributeError, TypeError) as error:
-        raise _missing("capture_call_inputs", "tf_keras", error) from error
+        flavour = "keras" if type(layer).__module__.split(".")[0] == "keras" else "tf_keras"
+        raise _missing("capture_call_inputs", flavour, error) from error
     try:
         yield
     finally:

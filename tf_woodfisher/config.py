@@ -92,7 +92,8 @@ class WoodFisherConfig:
             input-channel axis (tfmot's meaning: (2, 4) removes 2 of every 4), for 2-D and 4-D weights; it
             fixes the sparsity at n/m. ``None``: no N:M pattern. Not combined with ``block_size``.
         calibration_samples: ``obc``/``sparsegpt``: unlabelled inputs forwarded to build each layer's
-            H = 2XXᵀ/n (labels in the dataset are ignored).
+            H = 2XXᵀ/n (labels in the dataset are ignored): the first ``calibration_samples`` of the
+            dataset, in its order (``seed`` draws nothing there: shuffle the dataset for another subset).
         percdamp: ``obc``/``sparsegpt``: damping of H as a fraction of mean(diag H) (SparseGPT's percdamp);
             0 refuses a singular H (fewer input rows than the layer's input dimension) instead of damping it.
         reconstruction_target: ``obc``/``sparsegpt``: what each layer's pruned weights Ŵ reproduce on its inputs
@@ -102,6 +103,12 @@ class WoodFisherConfig:
         sequential: ``woodfisher`` with an int ``fisher_block_size``: remove weights one at a time inside each
             explicit Fisher block with exact OBS updates and rank-1 downdates of the block inverse, the block of
             the next removal chosen globally by least loss increase (:func:`tf_woodfisher.pruning.obs.sequential_obs`).
+        diagnostics: the Fisher methods and magnitude: report, per event, the loss increase the quadratic model
+            predicts for the weight change applied, ḡᵀδw + ½δwᵀFδw and ½δwᵀFδw alone, against the change of the
+            mean loss measured on the event's Fisher samples (:class:`~tf_woodfisher.pruning.report.LossDiagnostics`;
+            magnitude then reads Fisher gradients too). Costs two forward passes over the Fisher samples per event
+            and keeps its m × d gradients until the update; not under a multi-replica ``tf.distribute`` strategy
+            nor with a memory plan that streams or recomputes the gradients (both refused with an error).
 
     Raises:
         ValueError: a field of the wrong type or out of range; the message names the field.
@@ -127,6 +134,7 @@ class WoodFisherConfig:
     percdamp: float = 0.01
     reconstruction_target: str = "dense"
     sequential: bool = False
+    diagnostics: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -178,6 +186,12 @@ class WoodFisherConfig:
         if self.sequential and self.structured:
             raise ValueError("sequential=True removes single weights: it cannot be combined with block_size or "
                              "sparsity_m_by_n")
+        if not isinstance(self.diagnostics, bool):
+            raise _error("diagnostics", self.diagnostics, "True or False")
+        if self.diagnostics and self.method in LAYERWISE_METHODS:
+            raise ValueError(f"diagnostics=True compares the Fisher model's predicted loss with the measured one; "
+                             f"method {self.method!r} has no Fisher (its report gives each layer's reconstruction "
+                             "error instead)")
         if self.method in LAYERWISE_METHODS:
             if self.steps != 1 or not self.update:
                 raise ValueError(f"method {self.method!r} prunes each layer once with its own reconstruction update: "
@@ -191,8 +205,10 @@ class WoodFisherConfig:
 
     @property
     def needs_gradients(self) -> bool:
-        """Whether the method reads Fisher gradients (all but magnitude and the layer-wise methods)."""
-        return self.method not in ("magnitude",) + LAYERWISE_METHODS
+        """Whether the method reads Fisher gradients (all but magnitude and the layer-wise methods; magnitude
+        with ``diagnostics=True`` too, for the diagnostics only)."""
+        return self.method not in ("magnitude",) + LAYERWISE_METHODS or (self.method == "magnitude"
+                                                                       and self.diagnostics)
 
     @property
     def needs_inverse(self) -> bool:

@@ -8,6 +8,7 @@ Keras 3: each adapter passes its own Keras (its ``layers`` or ``losses`` module,
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import time
 import warnings
@@ -16,10 +17,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import tensorflow as tf
 
 from tf_woodfisher import compat
-from tf_woodfisher.config import WoodFisherConfig, validate_sparsity
+from tf_woodfisher.config import LAYERWISE_METHODS, WoodFisherConfig, validate_sparsity
 from tf_woodfisher.fisher.gradients import check_loss, first_sample, fisher_loss, resolve_batched
-from tf_woodfisher.pruning.pruner import Pruner, PruningProblem, prune_in_steps
-from tf_woodfisher.pruning.report import PruningReport, layer_sparsities, report_of
+from tf_woodfisher.pruning.pruner import Pruner, PruningProblem, prune_in_steps, sweep_in_steps
+from tf_woodfisher.pruning.report import PruningReport, SweepPoint, layer_sparsities, report_of
 from tf_woodfisher.pruning.targets import PruningTarget
 
 LayerSelection = Union[None, str, Any, Callable[[Any], bool], Iterable[Any]]
@@ -472,6 +473,79 @@ def run_one_shot(targets: Sequence[PruningTarget], problem: PruningProblem, conf
     if verbose:
         print(report)
     return report
+
+
+def run_sweep(config: WoodFisherConfig, sparsities: Sequence[float], evaluate: Callable[[], Any],
+              model_variables: Sequence[Any], *, prune_one: Callable[[float], PruningReport],
+              fisher_problem: Callable[[], tuple], strategy=None, after_prune: Optional[Callable[[], Any]] = None,
+              verbose: int = 0, cumulative: bool = False) -> list:
+    """The sparsity sweep of both adapters' ``one_shot_sweep`` (see :func:`tf_woodfisher.one_shot_sweep`).
+
+    Args:
+        config: the validated configuration.
+        sparsities: the targets, each in [0, 1), in the order run.
+        evaluate: called with the model pruned to each sparsity; its result is the point's ``value``.
+        model_variables: every variable of the model, restored after each point (weights, masks, BatchNorm
+            statistics), so that each point starts from the same model and the sweep leaves it as it was;
+            with ``cumulative`` only after the last point (each point continues from the previous one).
+        prune_one: the adapter's ``one_shot_prune(model, ..., sparsity, config)``, used for the layer-wise
+            methods (every point a full run).
+        fisher_problem: () → (targets, :class:`PruningProblem`, count of weights left dense) for the others.
+        strategy: a ``tf.distribute`` strategy, or None for the current one.
+        after_prune: run after pruning each point and before ``evaluate`` (the BatchNorm recalibration); its
+            result becomes the report's ``recalibration``.
+        verbose: 1 prints one line per point.
+        cumulative: one multi-step run through the sparsities (see :func:`~tf_woodfisher.pruning.sweep_in_steps`).
+
+    Returns:
+        One :class:`~tf_woodfisher.pruning.SweepPoint` per point, in the order run; each report's
+        ``total_seconds`` is the wall-clock time since the previous point ended (pruning and recalibration).
+
+    Raises:
+        ValueError: an empty ``sparsities``, one outside [0, 1), or ``cumulative`` with a layer-wise method.
+    """
+    sparsities = [validate_sparsity(s) for s in sparsities]
+    if not sparsities:
+        raise ValueError("one_shot_sweep needs at least one sparsity")
+    if config.method in LAYERWISE_METHODS:
+        if cumulative:
+            raise ValueError(f"cumulative=True is a multi-step Fisher run; method {config.method!r} reconstructs "
+                             "each layer once: use independent points (cumulative=False)")
+
+        def drive(on_point):
+            for sparsity in sparsities:
+                on_point(sparsity, prune_one(sparsity))
+    else:
+        targets, problem, unpruned = fisher_problem()
+        pruner = Pruner(problem, config, strategy)
+
+        def drive(on_point):
+            sweep_in_steps(pruner, sparsities, config.seed, lambda sparsity, stats: on_point(
+                sparsity, report_of(config, sparsity, targets, stats, 0.0, unpruned)), cumulative=cumulative)
+
+    saved = [(variable, variable.numpy()) for variable in model_variables]
+    points, clock = [], [time.perf_counter()]
+
+    def restore():
+        for variable, array in saved:
+            variable.assign(array)
+
+    def on_point(sparsity, report):
+        recalibration = after_prune() if after_prune is not None else None
+        report = dataclasses.replace(report, recalibration=recalibration,
+                                     total_seconds=time.perf_counter() - clock[0])
+        value = evaluate()
+        points.append(SweepPoint(float(sparsity), report, value))
+        if verbose:
+            print(f"sweep: target {sparsity:.2%}, sparsity {report.sparsity:.2%}, {report.total_seconds:.2f} s: "
+                  f"{value}")
+        if not cumulative:
+            restore()
+        clock[0] = time.perf_counter()
+
+    drive(on_point)
+    restore()
+    return points
 
 
 # ------------------------------------------------------------------------------------------ callbacks

@@ -8,6 +8,8 @@ multiplied by the current mask so that pruned entries are zero.
 This module knows no Keras: ``forward`` is any callable ``inputs → outputs`` (a Keras model called
 with ``training=False``, say) and ``loss_fn`` any callable ``(y_true, y_pred) → per-sample losses (n,)``.
 """
+import math
+import weakref
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -205,10 +207,27 @@ def fisher_batches(dataset: tf.data.Dataset, batched: bool, num_gradients: int, 
         dataset = dataset.map(lambda x, y, w: (x, (y, w)))  # labels with weights: see sample_weighted
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+    # One batching stage of chunk_gradients × fisher_batch_size samples, then each chunk reshaped into its
+    # groups (the same chunks as .batch(fisher_batch_size, drop_remainder=True).batch(chunk_gradients), a
+    # fraction of the per-sample cost: chunk boundaries are group boundaries, only the stream's last group
+    # can be incomplete, and it is dropped).
+    group = fisher_batch_size
+
+    def into_groups(*chunk):
+        def split(t):
+            inner = t.shape[1:]
+            tail = inner.as_list() if inner.is_fully_defined() else tf.shape(t)[1:]
+            whole = tf.shape(t)[0] // group * group
+            return tf.reshape(t[:whole], tf.concat([[-1, group], tail], 0) if isinstance(tail, tf.Tensor)
+                              else [-1, group] + tail)
+
+        return tf.nest.map_structure(split, chunk)
+
     return (
         dataset.take(num_gradients * fisher_batch_size)
-        .batch(fisher_batch_size, drop_remainder=True)
-        .batch(chunk_gradients)
+        .batch(chunk_gradients * fisher_batch_size)
+        .map(into_groups)
+        .filter(lambda x, y: tf.shape(tf.nest.flatten(y)[0])[0] > 0)
     )
 
 
@@ -521,19 +540,27 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
     # Rows go into one NumPy buffer per variable, which becomes a tensor without a copy: the largest
     # buffers of an event stay out of TensorFlow's caching allocator and are returned when freed.
     buffers = {i: _aligned_empty((num_gradients, sizes[i]), dtype) for i in gathered}
+    # float32 rows are masked straight into the buffers by NumPy (one pass, from a view of the tensor's memory);
+    # a mask of ones is skipped. Other dtypes are cast (and counted) by TensorFlow first.
+    host_masks = {i: _host_mask(masks[i]) for i in gathered} if dtype == tf.float32 else None
     sums, done, non_finite = None, 0, np.zeros(len(sizes), np.int64)
     for x, y in batches:
         if done == 0:
-            check_loss(forward, loss_fn, *tf.nest.map_structure(lambda t: t[0], (x, y)))
-            executor.check_consistent([t.numpy() for t in tf.nest.flatten((x, y))], "the Fisher samples")
+            _check_loss_once(gradient_fn, dataset, forward, loss_fn, *tf.nest.map_structure(lambda t: t[0], (x, y)))
+            if executor.num_replicas > 1:
+                executor.check_consistent([t.numpy() for t in tf.nest.flatten((x, y))], "the Fisher samples")
         count = int(tf.nest.flatten(y)[0].shape[0])
         rows = executor.run(gradient_fn, *executor.shard((x, y)))
         if gathered:
             chunk = executor.gather(tuple(rows[i] for i in gathered), count)
-            stored, bad = _masked_rows(chunk, [masks[i] for i in gathered], dtype)
-            non_finite[gathered] += bad.numpy()
-            for i, piece in zip(gathered, stored):
-                buffers[i][done:done + count] = piece.numpy()
+            if host_masks is not None:
+                for i, piece in zip(gathered, chunk):
+                    non_finite[i] += _store_rows(buffers[i][done:done + count], piece, host_masks[i])
+            else:
+                stored, bad = _masked_rows(chunk, [masks[i] for i in gathered], dtype)
+                non_finite[gathered] += bad.numpy()
+                for i, piece in zip(gathered, stored):
+                    buffers[i][done:done + count] = np.asarray(piece)
         if reduced:
             sums = executor.run(_accumulate_sums, sums, tuple(rows[i] for i in reduced),
                                 tuple(masks[i] for i in reduced), tuple(reduce_blocks[i] for i in reduced))
@@ -572,6 +599,46 @@ def _masked_rows(pieces, masks, dtype):
     stored = [tf.cast(rows if mask is None else rows * mask[None, :], dtype) for rows, mask in zip(pieces, masks)]
     bad = tf.stack([tf.math.count_nonzero(~tf.math.is_finite(rows)) for rows in stored])
     return stored, bad
+
+
+_LOSS_CHECKED = weakref.WeakKeyDictionary()  # gradient function → the datasets whose loss it has checked
+
+
+def _check_loss_once(gradient_fn, dataset, forward, loss_fn, x, y):
+    """:func:`check_loss` on the first sample, once per (compiled gradient function, dataset): the events of a
+    run reuse one gradient function on one dataset, and a loss that turns non-finite later shows as
+    non-finite gradients."""
+    try:
+        checked = _LOSS_CHECKED.setdefault(gradient_fn, weakref.WeakSet())
+    except TypeError:  # not weakly referenceable: check every time
+        checked = None
+    if checked is not None and dataset in checked:
+        return
+    check_loss(forward, loss_fn, x, y)
+    if checked is not None:
+        checked.add(dataset)
+
+
+def _host_mask(mask):
+    """A (size,) mask as a float32 NumPy array, or None when there is none or it keeps every entry."""
+    if mask is None:
+        return None
+    values = np.asarray(mask, np.float32)
+    return None if bool(np.all(values == 1)) else values
+
+
+def _store_rows(target, rows, mask):
+    """Write float32 ``rows`` (g, size) times ``mask`` (None: all ones) into ``target`` (a view of the output
+    buffer) in one pass from a view of the tensor's memory; return the number of non-finite entries (counted
+    only when their sum is not finite, which any NaN or infinity makes it)."""
+    values = np.asarray(rows)  # the tensor's own memory (Tensor.numpy() would copy it first)
+    if mask is None:
+        np.copyto(target, values)
+    else:
+        np.multiply(values, mask, out=target)
+    if math.isfinite(float(np.sum(target))):  # float32: an overflow only costs the exact count
+        return 0
+    return int(np.count_nonzero(~np.isfinite(target)))
 
 
 def _aligned_empty(shape, dtype):

@@ -218,6 +218,74 @@ def _looped(group_size):
     return group_size is None or group_size >= _LOOP_MIN_GROUP
 
 
+def _pointwise_kernel_gradient(x, dz, cfg, conv_groups, groups):
+    """Per-group kernel gradient (g, C, O) of a 1×1 (×1) convolution, a Dense over positions: the input at
+    the strided output positions contracted with dz in one batched matmul. None where it does not apply
+    (a larger kernel, grouped channels, or positions that do not line up)."""
+    if conv_groups != 1 or any(k != 1 for k in cfg["kernel_size"]):
+        return None
+    if any(s > 1 for s in cfg["strides"]):  # 1×1, 'same' or 'valid': output position o reads input o·s
+        x = x[(slice(None),) + tuple(slice(None, None, s) for s in cfg["strides"]) + (slice(None),)]
+    if x.shape[1:-1].as_list() != dz.shape[1:-1].as_list():
+        return None
+    return _group_matmul(x, dz, groups)
+
+
+_GROUPED_SUPPORT = []  # [bool] once probed: whether grouped convolutions have a kernel gradient on this device
+
+
+def _grouped_conv_supported():
+    """Whether TensorFlow computes the kernel gradient of a grouped convolution here (oneDNN on CPU, cuDNN on
+    GPU do; TensorFlow's own CPU kernels refuse it): probed once, eagerly, on a tiny case checked against
+    the per-group ungrouped gradients."""
+    if not _GROUPED_SUPPORT:
+        with tf.init_scope():
+            try:
+                x = tf.reshape(tf.range(2 * 4 * 4 * 4, dtype=tf.float32) % 7 - 3, [2, 4, 4, 4])
+                dz = tf.reshape(tf.range(2 * 3 * 3 * 6, dtype=tf.float32) % 5 - 2, [2, 3, 3, 6])
+
+                def kernel_gradient(xs, ds, in_depth, out_depth):  # no tape: init_scope pauses tapes
+                    return tf.raw_ops.Conv2DBackpropFilter(input=xs, filter_sizes=[2, 2, in_depth, out_depth],
+                                                           out_backprop=ds, strides=[1, 1, 1, 1], padding="VALID")
+
+                grouped = kernel_gradient(x, dz, 2, 6)
+                expected = tf.concat([kernel_gradient(x[..., :2], dz[..., :3], 2, 3),
+                                      kernel_gradient(x[..., 2:], dz[..., 3:], 2, 3)], axis=-1)
+                _GROUPED_SUPPORT.append(bool(tf.reduce_all(tf.abs(grouped - expected) <= 1e-4)))
+            except (tf.errors.OpError, ValueError, TypeError):
+                _GROUPED_SUPPORT.append(False)
+    return _GROUPED_SUPPORT[0]
+
+
+def _grouped_kernel_gradient(x, dz, kernel_shape, cfg, padding, groups):
+    """Per-group kernel gradients (g, *K, C/G, O) of z = conv(x, kernel) (rank 1 or 2, G channel groups, no
+    dilation) for all g groups at once, by TensorFlow's own kernel-gradient op (Conv2DBackpropFilter) of ONE
+    grouped convolution: a group's b samples are its batch and the g groups its channel groups (x: (g·b, *S, C)
+    → (b, *S, g·C), dz likewise), so the op sums over each group's samples itself and never reads the input
+    once per kernel offset. None where it does not apply, or where TensorFlow has no grouped kernel gradient
+    here (see :func:`_grouped_conv_supported`)."""
+    rank = cfg["rank"]
+    if rank > 2 or any(d != 1 for d in cfg["dilations"]) or not _grouped_conv_supported():
+        return None
+    kernel_shape = [int(d) for d in kernel_shape]
+    perm = [1] + list(range(2, rank + 2)) + [0, rank + 2]  # (g, b, *S, C) → (b, *S, g, C)
+
+    def by_group(t):
+        inner = t.shape[1:-1].as_list()
+        t = tf.transpose(tf.reshape(_f32(t), [groups, -1] + inner + [t.shape[-1]]), perm)
+        t = tf.reshape(t, [-1] + inner + [groups * t.shape[-1]])
+        return t if rank == 2 else tf.expand_dims(t, 1)  # rank 1 as a 1 × W image
+
+    filters = kernel_shape[-1]
+    spatial_kernel = kernel_shape[:-2] if rank == 2 else [1] + kernel_shape[:-2]
+    strides = list(cfg["strides"]) if rank == 2 else [1] + list(cfg["strides"])
+    grads = tf.raw_ops.Conv2DBackpropFilter(
+        input=by_group(x), filter_sizes=tf.stack(spatial_kernel + [kernel_shape[-2], groups * filters]),
+        out_backprop=by_group(dz), strides=[1] + strides + [1], padding=padding)  # (*K, C/G, g·O)
+    grads = tf.reshape(grads, kernel_shape[:-1] + [groups, filters])
+    return tf.transpose(grads, [rank + 1] + list(range(rank + 1)) + [rank + 2])  # (g, *K, C/G, O)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Rules. forward(layer, inputs, trace) → (outputs, record);
 # gradients(layer, record, grads, groups, group_size) → {attr: (g, …)}
@@ -400,13 +468,21 @@ class _Conv(_Rule):
     def gradients(self, layer, record, grads, groups, group_size):
         (dz,) = grads
         s = record.saved
-        x, cfg = _pad(s["x"], s["pads"]), s["cfg"]
-        if _looped(group_size):
-            kernel = _looped_kernel_gradient(
-                lambda xg, k: tf.nn.convolution(xg, k, strides=cfg["strides"], padding="VALID",
-                                                dilations=cfg["dilations"]), layer.kernel.shape, x, dz, groups)
-        else:
-            kernel = _conv_kernel_gradient(x, dz, cfg, int(getattr(layer, "groups", 1) or 1), groups)
+        cfg, conv_groups = s["cfg"], int(getattr(layer, "groups", 1) or 1)
+        kernel = _pointwise_kernel_gradient(s["x"], dz, cfg, conv_groups, groups)
+        if kernel is None:  # 'same' and 'valid' as the layer pads; 'causal' padded explicitly, then 'valid'
+            unpadded = cfg["padding"] != "causal"
+            kernel = _grouped_kernel_gradient(s["x"] if unpadded else _pad(s["x"], s["pads"]), dz,
+                                              layer.kernel.shape, cfg,
+                                              cfg["padding"].upper() if unpadded else "VALID", groups)
+        if kernel is None:
+            x = _pad(s["x"], s["pads"])
+            if _looped(group_size):
+                kernel = _looped_kernel_gradient(
+                    lambda xg, k: tf.nn.convolution(xg, k, strides=cfg["strides"], padding="VALID",
+                                                    dilations=cfg["dilations"]), layer.kernel.shape, x, dz, groups)
+            else:
+                kernel = _conv_kernel_gradient(x, dz, cfg, conv_groups, groups)
         result = {"kernel": kernel}
         if _bias_of(layer) is not None:
             result["bias"] = _channel_sum(dz, groups)
@@ -1098,21 +1174,23 @@ def rule_coverage(model, variables, inputs=None):
 
 
 def make_checked_gradient_fn(model, forward, variables, loss_fn, check_groups=4, rtol=1e-3):
-    """:func:`make_rule_gradient_fn`, checked once against the vectorised path before it is trusted.
+    """:func:`make_rule_gradient_fn`, checked once against a plain per-group gradient before it is trusted.
 
     The rules assume that, in inference mode, samples do not interact; a custom layer that mixes the
     samples of a batch would break that silently. So on its first call the returned function also computes
-    the first ``check_groups`` groups with :func:`tf_woodfisher.fisher.gradients.make_gradient_fn` (one
-    vectorised pass of a few groups) and compares: if any variable's rows differ by more than ``rtol`` of
-    their norm, it warns (naming the variable) and uses the vectorised path from then on.
+    the first ``check_groups`` groups one by one, each with a plain compiled ``GradientTape`` gradient of the
+    group's mean loss (the same per-group reference as the vectorised path, but cheap to trace: no
+    vectorisation), and compares: if any variable's rows differ by more than ``rtol`` of their norm, it
+    warns (naming the variable) and uses the vectorised path
+    (:func:`tf_woodfisher.fisher.gradients.make_gradient_fn`, only built then) from then on.
 
     Args:
         model: the Keras model (tf_keras or Keras 3), called as ``model(x, training=False)`` by the rules.
-        forward: inputs → outputs in inference mode, for the vectorised path.
+        forward: inputs → outputs in inference mode, for the reference and the vectorised path.
         variables: the weights to differentiate.
         loss_fn: (y_true, y_pred) → per-sample losses (n,).
         check_groups: groups compared on the first call.
-        rtol: largest accepted ‖rules − vectorised‖ / ‖vectorised‖ per variable.
+        rtol: largest accepted ‖rules − reference‖ / ‖reference‖ per variable.
 
     Returns:
         A function (x, y) shaped (g, b, ...) → tuple of (g, size) float32 rows, as ``make_gradient_fn``.
@@ -1121,24 +1199,33 @@ def make_checked_gradient_fn(model, forward, variables, loss_fn, check_groups=4,
 
     from tf_woodfisher.fisher.gradients import make_gradient_fn  # lazy: gradients.py may import this module
 
+    variables = list(variables)
     fast = make_rule_gradient_fn(model, variables, loss_fn)
-    slow = make_gradient_fn(forward, variables, loss_fn)
     chosen = []
+
+    @tf.function(reduce_retracing=True)
+    def one_group(x, y):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(variables)
+            loss = tf.reduce_mean(loss_fn(y, forward(x)))
+        grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return tuple(tf.reshape(tf.cast(tf.convert_to_tensor(g), tf.float32), [-1]) for g in grads)
 
     def gradients(x, y):
         if chosen:
             return chosen[0](x, y)
         rows = fast(x, y)
-        head = tf.nest.map_structure(lambda t: t[:check_groups], (x, y))
-        for variable, got, expected in zip(variables, rows, slow(*head)):
-            got = got[:check_groups]
-            error = float(tf.norm(got - expected)) / max(float(tf.norm(expected)), 1e-30)
+        count = min(check_groups, int(tf.nest.flatten(x)[0].shape[0]))
+        expected = [one_group(*tf.nest.map_structure(lambda t, i=i: t[i], (x, y))) for i in range(count)]
+        for k, (variable, got) in enumerate(zip(variables, rows)):
+            want = tf.stack([group[k] for group in expected])
+            error = float(tf.norm(got[:count] - want)) / max(float(tf.norm(want)), 1e-30)
             if error > rtol:
-                warnings.warn(f"per-sample gradient rules disagree with the vectorised path on {variable.name} "
-                              f"(relative error {error:.2g}): the model seems to couple the samples of a batch; "
-                              "using the vectorised path", RuntimeWarning, stacklevel=2)
-                chosen.append(slow)
-                return slow(x, y)
+                warnings.warn(f"per-sample gradient rules disagree with the plain per-group gradient on "
+                              f"{variable.name} (relative error {error:.2g}): the model seems to couple the "
+                              "samples of a batch; using the vectorised path", RuntimeWarning, stacklevel=2)
+                chosen.append(make_gradient_fn(forward, variables, loss_fn))
+                return chosen[0](x, y)
         chosen.append(fast)
         return rows
 

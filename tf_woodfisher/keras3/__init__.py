@@ -6,6 +6,7 @@ as the tf_keras path (``import tf_woodfisher as tfw``): the same :class:`WoodFis
 events and :class:`PruningReport`.
 
 - :func:`one_shot_prune`: prune a built model in place, without training.
+- :func:`one_shot_sweep`: prune it to several sparsities from one start, evaluating each.
 - :func:`prune` + :class:`PruningCallback`: gradual pruning in ``model.fit`` without layer wrappers (masks are
   non-trainable variables of a :class:`PrunedModel`, enforced after every optimizer step), :func:`strip`, and
   ``.keras`` save/load mid-pruning; schedules :class:`OneShotSchedule`, :class:`GradualSchedule`,
@@ -43,7 +44,7 @@ from tf_woodfisher.config import WoodFisherConfig  # noqa: E402
 from tf_woodfisher.keras3 import models, optimizers  # noqa: E402
 from tf_woodfisher.keras3.callbacks import PruningCallback  # noqa: E402
 from tf_woodfisher.keras3.export import TFLiteExport, TFLiteVerificationError, export_tflite  # noqa: E402
-from tf_woodfisher.keras3.oneshot import one_shot_prune  # noqa: E402
+from tf_woodfisher.keras3.oneshot import one_shot_prune, one_shot_sweep  # noqa: E402
 from tf_woodfisher.keras3.pruned import PrunedModel, masks_from_zeros, prune, strip  # noqa: E402
 from tf_woodfisher.keras3.schedules import (ConstantSparsity, GradualSchedule, KeepMasks, OneShotSchedule,  # noqa: E402
                                             PolynomialDecay, PruningSchedule)
@@ -53,4 +54,4 @@ from tf_woodfisher.pruning.report import PruningReport  # noqa: E402
 __all__ = ["ConstantSparsity", "GradualSchedule", "KeepMasks", "OneShotSchedule", "PolynomialDecay", "PrunedModel",
            "PruningCallback", "PruningReport", "PruningSchedule", "TFLiteExport", "TFLiteVerificationError",
            "WoodFisherConfig", "export_tflite", "find_prunable_weights", "keras", "masks_from_zeros", "models",
-           "one_shot_prune", "optimizers", "prune", "strip"]
+           "one_shot_prune", "one_shot_sweep", "optimizers", "prune", "strip"]

@@ -3,7 +3,8 @@
 The core of every entry point (one-shot, the tfmot callback, the Keras 3 callback). It knows no Keras:
 an adapter hands it a :class:`PruningProblem`, i.e. a forward callable, the (variable, mask) targets,
 a per-sample loss and the Fisher data, and a validated :class:`~tf_woodfisher.config.WoodFisherConfig`.
-:func:`prune_in_steps` is the one loop of multi-step (k-step) pruning.
+:func:`prune_in_steps` is the one loop of multi-step (k-step) pruning; :func:`sweep_in_steps` prunes the same
+start to several sparsities, sharing the statistics where one step suffices.
 """
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ from tf_woodfisher.fisher.gradients import collect_gradient_columns, fisher_loss
 from tf_woodfisher.fisher.grams import gradient_moments, reduced_block_size
 from tf_woodfisher.fisher.memory import GRADIENT_DTYPES, EventShape, plan_memory
 from tf_woodfisher.fisher.woodbury import InverseFisher
+from tf_woodfisher.pruning import diagnostics as loss_diagnostics
 from tf_woodfisher.pruning import obs
 from tf_woodfisher.pruning import scores as scoring
 from tf_woodfisher.pruning.structures import TargetGroups
 from tf_woodfisher.pruning.report import EventStats
 from tf_woodfisher.pruning.targets import (PruningTarget, assign_weights, check_unique_names, current_masks, flatten,
-                                          value_dtype)
+                                          restore_targets, value_dtype)
 
 MOMENT_METHODS = ("diagonal_fisher", "woodtaylor")  # their statistics read the gradients, in float32
 
@@ -114,6 +116,8 @@ class Pruner:
     groups, with group scores and joint OBS updates (:mod:`tf_woodfisher.pruning.structures`); the
     Fisher blocks are then aligned so that each holds whole groups. With ``config.sequential`` the selection
     and the update are sequential OBS inside the Fisher blocks (:func:`tf_woodfisher.pruning.obs.sequential_event`).
+    With ``config.diagnostics`` each event's :class:`EventStats` carries its predicted and measured loss increase
+    (:mod:`tf_woodfisher.pruning.diagnostics`).
 
     Args:
         problem: the model, as the core sees it.
@@ -123,7 +127,8 @@ class Pruner:
 
     Raises:
         ValueError: a method that needs gradients without dataset, forward or loss; num_gradients not
-            divisible by the replicas; duplicate target names.
+            divisible by the replicas; duplicate target names; ``diagnostics=True`` with several replicas or a
+            memory plan that streams or recomputes the gradients.
             With a structure: a method that cannot score groups, or a weight it does not fit (a block
             structure on a weight that is not 2-D, N:M on one neither 2-D nor 4-D), named.
     """
@@ -133,7 +138,7 @@ class Pruner:
         self.targets = list(problem.targets)
         if config.method in LAYERWISE_METHODS:
             raise ValueError(f"method {config.method!r} reconstructs each layer from calibration activations after "
-                             "training: use it with tfw.one_shot_prune (tf_keras), not in a training schedule")
+                             "training: use it with one_shot_prune (tfw or tfw3), not in a training schedule")
         if not self.targets:
             raise ValueError("nothing to prune: the list of pruning targets is empty")
         check_unique_names(self.targets)
@@ -153,6 +158,10 @@ class Pruner:
         self.plan = plan_memory(event_shape(config, self.segments), config.max_memory) \
             if config.needs_gradients else None
         self._gradient_fns = {}  # stage → compiled gradient function, reused by every event of this Pruner
+        self._diagnosis = None  # diagnostics=True: the current event's EventDiagnosis (pruning/diagnostics.py)
+        if config.diagnostics:
+            loss_diagnostics.check_supported(config, self.executor.num_replicas, self.plan)
+            self._losses_of = loss_diagnostics.mean_loss_fn(problem.forward, problem.loss, problem.dataset)
 
     @property
     def variables(self) -> list:
@@ -193,29 +202,101 @@ class Pruner:
         them, then the updates of every stage (from kept or rebuilt statistics), written at the end.
 
         Args:
-            sparsity: the fraction of the targets' entries (global) or of each target (layerwise) to prune.
+            sparsity: the fraction of the targets' entries (global) or of each target (layerwise).
             seed: the Fisher-sample seed of this event.
             on_progress: called with the units done so far (see :meth:`work_units`).
 
         Returns:
             The event's :class:`EventStats`.
         """
-        config, progress = self.config, _Progress(on_progress)
+        progress, timer = _Progress(on_progress), PhaseTimer()
         self.executor.take_traffic()
-        timer = PhaseTimer()
+        values, mask = self._masked_values()
+        scores, kept = zip(*[self._scores(stage, values, mask, seed, progress, timer, sparsity)
+                             for stage in self.stages])
+        self._select_and_update(sparsity, values, mask, scores, kept, seed, progress, timer)
+        progress.finish(self.work_units())
+        stats = self._event_stats(timer)
+        self._diagnosis = None  # frees the gradient rows it kept
+        return stats
+
+    def can_sweep(self) -> bool:
+        """Whether :meth:`sweep` computes the statistics once for all its sparsities.
+
+        Returns:
+            True with one step per event, no N:M pattern and a memory plan that keeps every stage's
+            statistics from the scores to the update (or none needed, as for magnitude).
+        """
+        return (self.config.steps == 1 and (self.groups is None or self.groups.structure.m_by_n is None)
+                and (self.plan is None or self.plan.keep_inverse))
+
+    def sweep(self, sparsities: Sequence[float], seed: int,
+              on_point: Callable[[float, EventStats], None],
+              on_progress: Optional[Callable[[int], None]] = None) -> None:
+        """Prune to each of ``sparsities`` from the same starting weights, with the statistics computed once.
+
+        For each sparsity, in the order given, the targets are pruned exactly as one event
+        ``prune_to(sparsity, fisher_seed(seed, 0))`` would prune them (the same scores, masks and
+        updates as :func:`prune_in_steps` with one step), ``on_point(sparsity, stats)`` is called with
+        the model pruned, and the targets' weights and masks are restored afterwards. The Fisher
+        statistics of the starting model (gradients, inverse, scores) are computed once, in the first
+        point's event: its :class:`EventStats` carries their seconds, later points only their own
+        selection and update.
+
+        Args:
+            sparsities: the targets, each in [0, 1).
+            seed: base seed, as for :func:`prune_in_steps`.
+            on_point: called as ``on_point(sparsity, stats)`` while the model is pruned to ``sparsity``;
+                what it changes in the targets is undone, anything else it changes is not.
+            on_progress: called with the units done so far (those of one event).
+
+        Raises:
+            ValueError: a sparsity outside [0, 1), or a configuration for which the statistics cannot be
+                shared (see :meth:`can_sweep`; :func:`sweep_in_steps` runs every point then).
+        """
+        sparsities = [validate_sparsity(s) for s in sparsities]
+        if not self.can_sweep():
+            raise ValueError("Pruner.sweep shares one event's statistics, which needs steps=1, no N:M pattern and "
+                             "a memory plan that keeps them: use sweep_in_steps")
+        progress, timer = _Progress(on_progress), PhaseTimer()
+        self.executor.take_traffic()
+        start = [(t.variable.numpy(), None if t.mask is None else t.mask.numpy()) for t in self.targets]
+        values, mask = self._masked_values()
+        event_seed = fisher_seed(seed, 0)
+        scores, kept = zip(*[self._scores(stage, values, mask, event_seed, progress, timer, None)
+                             for stage in self.stages])
+        start_sparsity = self.sparsity()
+        for sparsity in sparsities:  # the event's sparsity exactly as prune_in_steps computes it (same rounding)
+            event_sparsity = step_sparsities(start_sparsity, sparsity, 1)[0]
+            self._select_and_update(event_sparsity, values, mask, scores, kept, event_seed, progress, timer)
+            progress.finish(self.work_units())
+            on_point(sparsity, self._event_stats(timer))
+            timer = PhaseTimer()
+            restore_targets(self.targets, start)
+
+    def _masked_values(self):
+        """Apply the current masks to the targets; return (flat values (d,), flat mask (d,))."""
         mask = current_masks(self.targets)
         dtype = value_dtype(self.targets)  # float64 models keep their precision
         assign_weights(self.targets, flatten(self.variables, dtype), mask)
         values = flatten(self.variables, dtype)
         self.executor.check_consistent([values.numpy()], "the model's weights")
-        scores, kept = zip(*[self._scores(stage, values, mask, seed, progress, timer, sparsity)
-                             for stage in self.stages])
+        if self.config.diagnostics:  # an event (or a sweep) starts here: its diagnostics start from these weights
+            problem = self.problem
+            self._diagnosis = loss_diagnostics.EventDiagnosis(
+                self.config, values.numpy(), self._losses_of, problem.dataset, problem.batched,
+                1 if self.config.method == "diagonal_fisher" else self.config.fisher_block_size)
+        return values, mask
+
+    def _select_and_update(self, sparsity, values, mask, scores, kept, seed, progress, timer):
+        """From the stages' scores (and kept statistics): the new masks and the updated weights, written."""
+        config = self.config
         with timer("scoring"):
             if config.sequential:  # sequential OBS inside the explicit Fisher blocks (pruning/obs.py)
                 inverses = [(self.offsets[stage[0]], None if stats is None else stats.inverse)
                             for stage, stats in zip(self.stages, kept)]
                 new_mask, values = obs.sequential_event(inverses, values, mask, self.segments, sparsity, config.mode)
-                values = tf.constant(values, dtype)
+                values = tf.constant(values, value_dtype(self.targets))
             else:
                 select = scoring.select_pruned if self.groups is None else self.groups.select
                 new_mask = select(tf.concat(scores, 0), mask, self.segments, sparsity, config.mode)
@@ -224,10 +305,13 @@ class Pruner:
             values = tf.concat([self._update(stage, values, pruned, stats, mask, seed, progress, timer)
                                 for stage, stats in zip(self.stages, kept)], 0)
         assign_weights(self.targets, values, tf.constant(new_mask))
-        progress.finish(self.work_units())
+
+    def _event_stats(self, timer):
         gathered, reduced = self.executor.take_traffic()
+        measured = None if self._diagnosis is None else self._diagnosis.measure(
+            flatten(self.variables, value_dtype(self.targets)).numpy())
         return EventStats(timer.seconds["gradient"], timer.seconds["inverse"], timer.seconds["scoring"],
-                          gathered, reduced, recomputations=1)
+                          gathered, reduced, recomputations=1, diagnostics=() if measured is None else (measured,))
 
     def _columns(self, vector, stage):
         """The entries of a flat (d,) vector that belong to the targets [begin, end) of ``stage``."""
@@ -264,6 +348,9 @@ class Pruner:
                 on_chunk=progress.gradient_hook(), executor=self.executor, dtype=config.gradient_dtype,
                 reduce_blocks=self.reduced_block_sizes(stage), batched=problem.batched,
                 gradient_fn=self._gradient_fn(stage))
+        if self._diagnosis is not None:
+            self._diagnosis.record(self.offsets[begin], columns, seed,
+                                   None if self.groups is None else self.groups.group_ids(begin, end))
         with timer("inverse"):
             inverse = None
             if config.needs_inverse:
@@ -335,6 +422,52 @@ def prune_in_steps(pruner: Pruner, target_sparsity: float, seed: int, *indices: 
         hook = None if on_progress is None else (lambda done, base=step * units: on_progress(base + done))
         stats = stats + pruner.prune_to(sparsity, fisher_seed(seed, *indices, step), on_progress=hook)
     return stats
+
+
+def sweep_in_steps(pruner: Pruner, sparsities: Sequence[float], seed: int,
+                   on_point: Callable[[float, EventStats], None],
+                   on_progress: Optional[Callable[[int], None]] = None, cumulative: bool = False) -> bool:
+    """Prune the same start to each of ``sparsities``, calling ``on_point(sparsity, stats)`` at each.
+
+    Independent points (the default): each point is the result of ``prune_in_steps(pruner, sparsity, seed)``
+    from the start, and the targets' weights and masks are restored after it. Where
+    :meth:`Pruner.can_sweep` (one step, statistics kept), the statistics are computed once
+    (:meth:`Pruner.sweep`); otherwise every point runs its own ``config.steps`` events.
+
+    Cumulative (``cumulative=True``): one multi-step run through the sparsities in increasing order, each
+    point reached from the previous one by ``config.steps`` events on the pruned model (statistics
+    recomputed at each, Fisher seeds ``fisher_seed(seed, point, step)``), so point i is a
+    (i+1)·steps-step pruning of the start; the targets are restored after the last point.
+
+    Args:
+        pruner: the :class:`Pruner` of the model.
+        sparsities: the targets, each in [0, 1) (non-decreasing when cumulative).
+        seed: base seed, as for :func:`prune_in_steps`.
+        on_point: called as ``on_point(sparsity, stats)`` with each point's :class:`EventStats` (cumulative:
+            of the events since the previous point).
+        on_progress: called with the units done within the current point's events.
+        cumulative: see above.
+
+    Returns:
+        Whether the statistics were shared between points.
+
+    Raises:
+        ValueError: a sparsity outside [0, 1) (or other than n/m under ``sparsity_m_by_n``), or decreasing
+            sparsities with ``cumulative``.
+    """
+    if cumulative and any(b < a for a, b in zip(sparsities, sparsities[1:])):
+        raise ValueError(f"a cumulative sweep needs non-decreasing sparsities, got {list(sparsities)}")
+    if not cumulative and pruner.can_sweep():
+        pruner.sweep(sparsities, seed, on_point, on_progress)
+        return True
+    start = [(t.variable.numpy(), None if t.mask is None else t.mask.numpy()) for t in pruner.targets]
+    for index, sparsity in enumerate(sparsities):
+        indices = (index,) if cumulative else ()
+        on_point(sparsity, prune_in_steps(pruner, sparsity, seed, *indices, on_progress=on_progress))
+        if not cumulative:
+            restore_targets(pruner.targets, start)
+    restore_targets(pruner.targets, start)
+    return False
 
 
 class PhaseTimer:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -51,6 +51,34 @@ def layer_sparsities(targets: Sequence[PruningTarget], reconstruction_errors: Op
 
 
 @dataclasses.dataclass(frozen=True)
+class LossDiagnostics:
+    """One Fisher event's quadratic model of the loss against the loss change it measured (``diagnostics=True``).
+
+    With δw the weight change the event applied (new − old weights over the targets, pruned entries
+    included, the OBS / WoodTaylor update too), ḡ the mean of its m gradient rows G and F = λI + GᵀG/m its
+    block-diagonal empirical Fisher (the blocks of its inverse; ``diagonal_fisher``: the diagonal;
+    ``magnitude``: the blocks of ``fisher_block_size``), computed per block as λ‖δw‖² + ‖G_bδw_b‖²/m.
+
+    Attributes:
+        predicted_increase: ḡᵀδw + ½δwᵀFδw, the second-order Taylor model with the gradient (WoodTaylor's).
+        quadratic_increase: ½δwᵀFδw alone: what WoodFisher's model predicts (the paper assumes ḡ ≈ 0 at a
+            trained model; the difference is the linear term ḡᵀδw).
+        measured_increase: ``loss_after − loss_before``.
+        loss_before, loss_after: the mean loss over the event's Fisher samples (the num_gradients ×
+            fisher_batch_size samples its gradients were taken on; with sample weights, their weighted mean),
+            forward passes in inference mode at the weights before and after the event.
+        seconds: wall-clock seconds of the diagnostics (forward passes and products), in no phase of the event.
+    """
+
+    predicted_increase: float
+    quadratic_increase: float
+    measured_increase: float
+    loss_before: float
+    loss_after: float
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class EventStats:
     """Cost of one or more pruning events: wall-clock seconds and bytes exchanged across replicas.
 
@@ -63,6 +91,8 @@ class EventStats:
         recomputations: Fisher recomputations (one per step of a multi-step event).
         calibration_seconds: layer-wise methods: forward passes over the calibration inputs and the
             accumulation of each layer's H = 2XXᵀ/n (their solves count as scoring).
+        diagnostics: with ``diagnostics=True``, one :class:`LossDiagnostics` per event (step), in order;
+            the sum of two stats concatenates them.
     """
 
     gradient_seconds: float = 0.0
@@ -72,10 +102,14 @@ class EventStats:
     reduced_bytes: int = 0
     recomputations: int = 0
     calibration_seconds: float = 0.0
+    diagnostics: tuple = ()
 
     def __add__(self, other: EventStats) -> EventStats:
-        """The field-by-field sum of two :class:`EventStats` (the cost of both)."""
-        return EventStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        """The field-by-field sum of two :class:`EventStats` (the cost of both; diagnostics concatenated)."""
+        return EventStats(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
+
+
+DIAGNOSTIC_TOTALS = ("predicted_loss_increase", "quadratic_loss_increase", "measured_loss_increase")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +124,8 @@ class PruningReport:
         total_seconds: wall-clock time of the whole run.
         unpruned_weights: entries of the model's weights that were not pruning targets (biases, norms, and
             layers left dense), so that :attr:`model_sparsity` covers all weights.
+        recalibration: what the BatchNorm recalibration after pruning did (a
+            :class:`~tf_woodfisher.batchnorm.BatchNormRecalibration`), or None when none ran.
         method: shortcut to ``config.method``.
         mode: shortcut to ``config.mode``.
         steps: shortcut to ``config.steps``.
@@ -98,6 +134,9 @@ class PruningReport:
         scoring_seconds: shortcut to ``stats.scoring_seconds``.
         gathered_bytes: shortcut to ``stats.gathered_bytes``.
         reduced_bytes: shortcut to ``stats.reduced_bytes``.
+        predicted_loss_increase, quadratic_loss_increase, measured_loss_increase: with ``diagnostics=True``,
+            the :class:`LossDiagnostics` fields summed over the steps (each step on its own Fisher samples, so
+            the measured sum is not the change of one loss), else None; per step in ``stats.diagnostics``.
     """
 
     config: WoodFisherConfig
@@ -106,6 +145,7 @@ class PruningReport:
     stats: EventStats
     total_seconds: float
     unpruned_weights: int = 0
+    recalibration: Optional[Any] = None
 
     method = property(lambda self: self.config.method)
     mode = property(lambda self: self.config.mode)
@@ -115,6 +155,14 @@ class PruningReport:
     scoring_seconds = property(lambda self: self.stats.scoring_seconds)
     gathered_bytes = property(lambda self: self.stats.gathered_bytes)
     reduced_bytes = property(lambda self: self.stats.reduced_bytes)
+
+    predicted_loss_increase = property(lambda self: self._diagnosed("predicted_increase"))
+    quadratic_loss_increase = property(lambda self: self._diagnosed("quadratic_increase"))
+    measured_loss_increase = property(lambda self: self._diagnosed("measured_increase"))
+
+    def _diagnosed(self, field: str) -> Optional[float]:
+        events = self.stats.diagnostics
+        return float(sum(getattr(e, field) for e in events)) if events else None
 
     @property
     def sparsity(self) -> float:
@@ -133,7 +181,10 @@ class PruningReport:
         Returns:
             A JSON-serialisable dict: ``config`` (:meth:`WoodFisherConfig.to_dict`), method, mode, target
             and achieved sparsities, steps, the :class:`EventStats` fields, total_seconds, unpruned_weights
-            and ``layers``; with layer-wise methods also ``reconstruction_errors`` (tensor name → relative error).
+            and ``layers``; with layer-wise methods also ``reconstruction_errors`` (tensor name → relative error),
+            after a BatchNorm recalibration ``recalibration`` (its fields); with ``diagnostics=True``
+            ``predicted_loss_increase``, ``quadratic_loss_increase`` and ``measured_loss_increase`` (sums over
+            the steps; ``diagnostics`` holds each step's :class:`LossDiagnostics` fields).
         """
         return {"config": self.config.to_dict(), "method": self.method, "mode": self.mode,
                 "target_sparsity": self.target_sparsity, "sparsity": self.sparsity,
@@ -141,7 +192,9 @@ class PruningReport:
                 **dataclasses.asdict(self.stats), "total_seconds": self.total_seconds,
                 "unpruned_weights": self.unpruned_weights,
                 "layers": {layer.name: layer.sparsity for layer in self.layers},
-                **({"reconstruction_errors": errors} if (errors := self.reconstruction_errors) else {})}
+                **({"reconstruction_errors": errors} if (errors := self.reconstruction_errors) else {}),
+                **({name: getattr(self, name) for name in DIAGNOSTIC_TOTALS} if self.stats.diagnostics else {}),
+                **({"recalibration": dataclasses.asdict(self.recalibration)} if self.recalibration is not None else {})}
 
     @property
     def reconstruction_errors(self) -> dict:
@@ -169,6 +222,14 @@ class PruningReport:
             f"{self.scoring_seconds:.2f} s, "
             + (f"calibration {self.stats.calibration_seconds:.2f} s, " if self.stats.calibration_seconds else "")
             + f"total {self.total_seconds:.2f} s")
+        if self.stats.diagnostics:
+            count = len(self.stats.diagnostics)
+            predicted, quadratic = self.predicted_loss_increase, self.quadratic_loss_increase
+            lines.append(f"loss on the Fisher samples{f' (sum of {count} steps)' if count > 1 else ''}: predicted "
+                         f"{predicted:+.4g} (quadratic term alone {quadratic:+.4g}, gradient term "
+                         f"{predicted - quadratic:+.4g}), measured {self.measured_loss_increase:+.4g}")
+        if self.recalibration is not None:
+            lines.append(str(self.recalibration))
         return "\n".join(lines)
 
 
@@ -191,3 +252,19 @@ def report_of(config: WoodFisherConfig, target_sparsity: float, targets: Sequenc
     """
     return PruningReport(config, float(target_sparsity), layer_sparsities(targets, reconstruction_errors), stats,
                          total_seconds, int(unpruned_weights or 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPoint:
+    """One point of a sparsity sweep (``one_shot_sweep``): the model pruned to one sparsity, evaluated.
+
+    Attributes:
+        sparsity: the target sparsity of this point, a fraction in [0, 1).
+        report: the :class:`PruningReport` of pruning to it (the first point's carries the seconds of the
+            statistics that all points share).
+        value: what the sweep's ``evaluate(model)`` returned for the model pruned to it.
+    """
+
+    sparsity: float
+    report: PruningReport
+    value: Any

@@ -112,6 +112,19 @@ def assign_weights(targets: Sequence[PruningTarget], values: tf.Tensor, mask: tf
             target.mask.assign(tf.cast(layer_mask, target.mask.dtype))
 
 
+def restore_targets(targets: Sequence[PruningTarget], saved: Sequence[tuple]) -> None:
+    """Write back what ``[(t.variable.numpy(), t.mask.numpy() or None) for t in targets]`` saved.
+
+    Args:
+        targets: the pruned tensors.
+        saved: per target, (its weight values, its mask values or None), as arrays of their shapes.
+    """
+    for target, (value, mask) in zip(targets, saved):
+        target.variable.assign(value)
+        if target.mask is not None and mask is not None:
+            target.mask.assign(mask)
+
+
 def check_unique_names(targets: Sequence[PruningTarget]) -> None:
     """Raise ValueError if two targets share a name (reports key their entries by name).
 

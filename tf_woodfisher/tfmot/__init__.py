@@ -12,7 +12,7 @@ import tf_keras as keras
 from tf_woodfisher import compat
 
 from tf_woodfisher.tfmot.callbacks import UpdatePruningStep
-from tf_woodfisher.tfmot.oneshot import one_shot_prune
+from tf_woodfisher.tfmot.oneshot import one_shot_prune, one_shot_sweep
 from tf_woodfisher.tfmot.prune import masks_from_zeros, prune_scope, prune_woodfisher, strip_pruning
 from tf_woodfisher.tfmot.schedules import GradualSchedule, KeepMasks, OneShotSchedule
 from tf_woodfisher.tfmot.targets import find_prunable_weights
@@ -21,5 +21,5 @@ from tf_woodfisher.tfmot.wrapper import PruneWoodFisher
 compat.check_versions("tensorflow", "tf_keras", "tensorflow_model_optimization")
 
 __all__ = ["GradualSchedule", "KeepMasks", "OneShotSchedule", "PruneWoodFisher", "UpdatePruningStep",
-           "find_prunable_weights", "keras", "masks_from_zeros", "one_shot_prune", "prune_scope", "prune_woodfisher",
-           "strip_pruning", "tf"]
+           "find_prunable_weights", "keras", "masks_from_zeros", "one_shot_prune", "one_shot_sweep", "prune_scope",
+           "prune_woodfisher", "strip_pruning", "tf"]

@@ -246,6 +246,7 @@ def test_recalibration_matches_numpy_and_changes_only_statistics():
         np.testing.assert_allclose(v.numpy(), a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_recalibration_of_tfmot_wrapped_model_touches_no_mask_step_or_optimizer():
     model = _small_bn_model()
     pruned = tfmot.sparsity.keras.prune_low_magnitude(

@@ -69,7 +69,8 @@ def block_numbers(sizes, block_size):
     return np.concatenate(numbers)
 
 
-@pytest.mark.parametrize("method,block_size", [("woodfisher", None), ("woodfisher", "model"), ("woodfisher", 7),
+@pytest.mark.parametrize("method,block_size", [pytest.param("woodfisher", None, marks=pytest.mark.slow),
+                                               ("woodfisher", "model"), ("woodfisher", 7),
                                                ("woodtaylor", 7), ("diagonal_fisher", None), ("magnitude", 7)])
 def test_predicted_increase_equals_numpy_with_a_dense_fisher(method, block_size):
     model, x, y, data = tiny_problem(1)
@@ -125,6 +126,7 @@ def test_fisher_samples_are_those_of_the_gradients_with_batches_and_a_subset():
     np.testing.assert_allclose(event.loss_after, mean_loss(model, x[order], y[order]), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["woodfisher", "woodtaylor"])
 def test_prediction_and_measurement_agree_for_a_small_pruning(method):
     """A model trained to its minimum on noisy labels (where the empirical Fisher is close to the Hessian),
@@ -138,6 +140,7 @@ def test_prediction_and_measurement_agree_for_a_small_pruning(method):
     assert 0.5 < predicted / measured < 2.0, (predicted, measured)
 
 
+@pytest.mark.slow
 def test_multi_step_sums_and_off_by_default():
     model, x, y, data = tiny_problem(4)
     report = tfw.one_shot_prune(model, data, LOSS, 0.5, num_gradients=20, steps=3, diagnostics=True, verbose=0)

@@ -93,7 +93,7 @@ def test_dense_mlp_and_rank3_dense(group_size):
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped-op", "per-offset-or-looped"])
-@pytest.mark.parametrize("group_size", [1, 2])
+@pytest.mark.parametrize("group_size", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_conv_variants(group_size, grouped, monkeypatch):
     """Both kernel-gradient paths of rank 1 and 2: one grouped Conv2DBackpropFilter over all groups (where
     TensorFlow has it, e.g. oneDNN) and, without it, per-offset contractions (b = 1) or per-group ops (b > 1)."""
@@ -351,6 +351,7 @@ def test_scalar_loss_uses_fallback():
     assert fn.coverage == [None] * len(got)
 
 
+@pytest.mark.slow
 def test_pruning_wrapper_writes_kernel_so_it_falls_back():
     tfmot = pytest.importorskip("tensorflow_model_optimization")
     img = keras.Input((6, 6, 2))
@@ -365,6 +366,7 @@ def test_pruning_wrapper_writes_kernel_so_it_falls_back():
     assert all(c is not None for c in check(wrapped, x, y, variables=biases))
 
 
+@pytest.mark.slow
 def test_keras3_layers():
     keras3 = pytest.importorskip("keras")
     if not keras3.__version__.startswith("3"):

@@ -206,6 +206,7 @@ def test_four_attention_kernels_have_their_own_report_entries():
     assert all(v == pytest.approx(0.5) for v in layers.values())
 
 
+@pytest.mark.slow
 def test_one_shot_on_a_tfmot_wrapped_lstm():
     """The reported crash: one-shot WoodFisher on a model wrapped by tfmot's prune_low_magnitude, with an LSTM."""
     import tensorflow_model_optimization as tfmot

@@ -757,6 +757,7 @@ def _padded_greedy(inverses, values, blocks, members, total):
     return [s["w"] for s in state], None
 
 
+@pytest.mark.slow
 def test_one_shot_sequential_woodfisher_runs_and_composes_with_steps():
     x, _ = calibration(200)
     labels = np.argmax(mlp(1)(x).numpy(), axis=1)

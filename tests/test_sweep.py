@@ -32,15 +32,18 @@ def all_values(model):
     return [v.numpy().copy() for v in model.variables]
 
 
+SLOW = pytest.mark.slow  # the full suite runs every case; the fast tier a representative few
+
+
 @pytest.mark.parametrize("settings", [
     dict(method="woodfisher", fisher_block_size=None),
-    dict(method="woodfisher", fisher_block_size=7, mode="layerwise"),
-    dict(method="woodtaylor", fisher_block_size=16),
-    dict(method="diagonal_fisher"),
+    pytest.param(dict(method="woodfisher", fisher_block_size=7, mode="layerwise"), marks=SLOW),
+    pytest.param(dict(method="woodtaylor", fisher_block_size=16), marks=SLOW),
+    pytest.param(dict(method="diagonal_fisher"), marks=SLOW),
     dict(method="magnitude"),
-    dict(method="woodfisher", fisher_block_size=10, steps=3),  # not shareable: every point runs its own steps
-    dict(method="woodfisher", fisher_block_size=8, sequential=True),
-    dict(method="woodfisher", block_size=(1, 2), layers=["dense"]),
+    pytest.param(dict(method="woodfisher", fisher_block_size=10, steps=3), marks=SLOW),  # every point its own steps
+    pytest.param(dict(method="woodfisher", fisher_block_size=8, sequential=True), marks=SLOW),
+    pytest.param(dict(method="woodfisher", block_size=(1, 2), layers=["dense"]), marks=SLOW),
     dict(method="obc", calibration_samples=48),
 ])
 def test_each_point_equals_its_own_one_shot_run(data, settings):
@@ -104,6 +107,7 @@ def test_wrapped_model_masks_are_restored_and_set_at_each_point(data):
     assert all(np.all(mask == 1) for mask in masks)
 
 
+@SLOW
 def test_batchnorm_recalibration_option(data):
     x, y, dataset = data
     model = small_model(batchnorm=True)
@@ -141,6 +145,7 @@ def test_bad_sweep_arguments(data):
         tfw.one_shot_prune(small_model(), dataset, LOSS, 0.5, recalibrate_batchnorm=dataset.batch(4), verbose=0)
 
 
+@SLOW
 def test_cumulative_sweep_equals_successive_one_shot_runs(data):
     """Each point continues from the previous one (statistics recomputed): successive one_shot_prune calls."""
     x, y, dataset = data

@@ -464,9 +464,8 @@ def sweep_in_steps(pruner: Pruner, sparsities: Sequence[float], seed: int,
     for index, sparsity in enumerate(sparsities):
         indices = (index,) if cumulative else ()
         on_point(sparsity, prune_in_steps(pruner, sparsity, seed, *indices, on_progress=on_progress))
-        if not cumulative:
+        if not cumulative or index == len(sparsities) - 1:  # independent points: each from the start
             restore_targets(pruner.targets, start)
-    restore_targets(pruner.targets, start)
     return False
 
 

@@ -59,6 +59,9 @@ METHODS = {
                                  dict(AUTHORS, fisher_block_size=c), dict(seeds=1))
        for c in (20, 100, 1000, 5000, 12288)},
     "woodtaylor": ("WoodTaylor (m = 1,000, λ = 1e-5, a block per layer)", dict(AUTHORS, method="woodtaylor"), {}),
+    # the thesis (§5.2) finds WoodTaylor sensitive to the damping: its update's norm is ~10× the weights' at 1e-5
+    **{f"woodtaylor_{d}": (f"WoodTaylor, λ = {d}", dict(AUTHORS, method="woodtaylor", damping=float(d)), {})
+       for d in ("1e-3", "1e-2", "1e-1", "1")},
     "woodfisher_best": ("WoodFisher, multi-step (128 × 8 samples, λ = 1e-4, a block per layer, an event per "
                         "point of the path)", BEST, dict(cumulative=True)),
     "woodfisher_best_bn": ("WoodFisher, multi-step + BN recalibration", BEST, dict(cumulative=True, bn=True)),
@@ -71,6 +74,7 @@ METHODS = {
 }
 ORDER = ("magnitude_global", "magnitude_layerwise", "magnitude_global_bn", "woodfisher_authors", "woodfisher_best",
          "woodfisher_best_bn", "obc_bn", "obc", "diagonal_fisher_1000", "diagonal_fisher_5085", "woodtaylor",
+         *(f"woodtaylor_{d}" for d in ("1e-3", "1e-2", "1e-1", "1")),
          *(f"woodfisher_chunk_{c}" for c in (20, 100, 1000, 5000, 12288)), "sparsegpt_bn")
 # The second protocol runs the baselines, the authors' configuration and the best ones only (the cost of the rest).
 ALL_PROTOCOL_METHODS = ("magnitude_global", "magnitude_layerwise", "woodfisher_authors", "woodfisher_best")

@@ -70,7 +70,8 @@ def block_numbers(sizes, block_size):
 
 
 @pytest.mark.parametrize("method,block_size", [pytest.param("woodfisher", None, marks=pytest.mark.slow),
-                                               ("woodfisher", "model"), ("woodfisher", 7),
+                                               pytest.param("woodfisher", "model", marks=pytest.mark.slow),
+                                               ("woodfisher", 7),
                                                ("woodtaylor", 7), ("diagonal_fisher", None), ("magnitude", 7)])
 def test_predicted_increase_equals_numpy_with_a_dense_fisher(method, block_size):
     model, x, y, data = tiny_problem(1)

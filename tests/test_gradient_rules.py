@@ -227,6 +227,7 @@ class TrainingDense(keras.layers.Dense):
         return outputs * (0.5 if training else 1.5)
 
 
+@pytest.mark.slow
 def test_mixed_rules_and_fallbacks_with_batch_norm():
     img = keras.Input((8, 8, 2))
     seq = keras.Input((4, 3))
@@ -402,6 +403,7 @@ def test_keras3_layers():
             np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=2e-6 * max(float(np.abs(w).max()), 1e-3))
 
 
+@pytest.mark.slow
 def test_checked_rules_fall_back_when_a_layer_couples_the_samples():
     """A Lambda that subtracts the batch mean couples samples: the rules would be wrong; the check catches it."""
     from tf_woodfisher.fisher.gradients import make_gradient_fn

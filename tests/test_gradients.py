@@ -75,6 +75,7 @@ def loop_gradients(model, variables, xs, ys, group, loss_fn=LOSS):
     return np.stack(rows)
 
 
+@pytest.mark.slow
 def test_every_layer_type_is_found_and_matches_loop(rng):
     model = every_layer_model()
     weights = find_prunable_weights(model)

@@ -186,7 +186,8 @@ def _compile(model):
 
 
 @pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
-@pytest.mark.parametrize("fmt", ["keras", pytest.param("h5", marks=pytest.mark.slow), "checkpoint"])
+@pytest.mark.parametrize("fmt", ["keras", pytest.param("h5", marks=pytest.mark.slow),
+                                 pytest.param("checkpoint", marks=pytest.mark.slow)])
 def test_interrupted_and_resumed_run_equals_uninterrupted(rng, tmp_path, fmt):
     x = rng.standard_normal((80, 10)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)

@@ -75,6 +75,7 @@ def test_each_point_equals_its_own_one_shot_run(data, settings):
     assert points[0].report.sparsity == pytest.approx(0.3, abs=0.02)
 
 
+@pytest.mark.slow
 def test_statistics_are_computed_once_when_shareable(data, monkeypatch):
     from tf_woodfisher.pruning import pruner as pruner_module
     calls = []

@@ -38,6 +38,7 @@ def test_sparse_file_is_smaller_agrees_and_runs_in_litert(sparse_mlp, tmp_path, 
     assert dense.bytes == dense.dense_bytes == result.dense_bytes
 
 
+@pytest.mark.slow
 def test_pruned_model_is_stripped_and_quantized_defect_is_caught(sparse_mlp, tmp_path, rng):
     pruned = tfw3.masks_from_zeros(sparse_mlp)
     result = tfw3.export_tflite(pruned, tmp_path / "stripped.tflite", check_inputs=rng.standard_normal((16, 64)))

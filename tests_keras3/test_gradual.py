@@ -55,7 +55,7 @@ class MaskChecker(keras.callbacks.Callback):
         self.sparsities.append(zeros / total)
 
 
-@pytest.mark.parametrize("optimizer", [lambda: keras.optimizers.Adam(1e-2),
+@pytest.mark.parametrize("optimizer", [pytest.param(lambda: keras.optimizers.Adam(1e-2), marks=pytest.mark.slow),
                                        lambda: keras.optimizers.SGD(0.05, momentum=0.9)], ids=["adam", "sgd"])
 def test_masks_hold_after_every_step_and_events_follow_the_schedule(data, optimizer):
     x, y = data

@@ -82,6 +82,7 @@ def calibration(kind, samples=256):
     return np.maximum(x, 0).astype(np.float32) if kind == "image" else x.astype(np.float32)
 
 
+@pytest.mark.slow
 def test_obc_and_sparsegpt_give_the_same_masks_weights_and_errors_as_the_tf_keras_path(tmp_path):
     arrays, results = {f"x_{kind}": calibration(kind) for kind in worker.SHAPES}, []
     for i, (kind, sparsity, options) in enumerate(CASES):

@@ -119,6 +119,7 @@ def test_fisher_gradients_of_keras3_layers_equal_a_per_sample_loop(rng):
         np.testing.assert_allclose(rows[i], expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_subclassed_model_and_pruned_model_masks(rng):
     model = Tower()
     tokens = rng.integers(0, 12, (64, 5)).astype(np.int32)

@@ -38,6 +38,7 @@ def state(pruned):
     return [v.numpy() for v in pruned.weights] + [v.numpy() for v in pruned.optimizer.variables]
 
 
+@pytest.mark.slow
 def test_save_mid_pruning_load_and_resume_equals_uninterrupted(rng, tmp_path):
     x, y, initial = setup(rng)
     fisher = tf.data.Dataset.from_tensor_slices((x, y))

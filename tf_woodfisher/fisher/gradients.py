@@ -172,8 +172,8 @@ def _require_dataset(dataset):
 
 
 def fisher_batches(dataset: tf.data.Dataset, batched: bool, num_gradients: int, fisher_batch_size: int,
-                   chunk_gradients: int, seed: int, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> tf.data.Dataset:
-    """A dataset of chunks (x, y) with x shaped (chunk_gradients, fisher_batch_size, ...).
+                   chunk_gradients: int, seed: int, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> "FisherChunks":
+    """The chunks (x, y) of an event's samples, x shaped (chunk_gradients, fisher_batch_size, ...).
 
     Samples are shuffled with ``seed`` in a buffer of ``shuffle_buffer`` (0: no shuffling) and
     num_gradients × fisher_batch_size of them are used. Sample weights are kept with the labels: a
@@ -190,8 +190,9 @@ def fisher_batches(dataset: tf.data.Dataset, batched: bool, num_gradients: int, 
         shuffle_buffer: samples in the shuffle buffer; 0 reads in order.
 
     Returns:
-        A ``tf.data.Dataset`` of (x, y) chunks, x of shape (≤ chunk_gradients, fisher_batch_size, ...) and
-        y (or (y, sample_weight)) likewise; incomplete groups are dropped.
+        A :class:`FisherChunks`: iterating it gives eager (x, y) chunks, x of shape
+        (≤ chunk_gradients, fisher_batch_size, ...) and y (or (y, sample_weight)) likewise; incomplete groups
+        are dropped.
 
     Raises:
         TypeError: ``dataset`` is not a plain ``tf.data.Dataset``.
@@ -203,32 +204,41 @@ def fisher_batches(dataset: tf.data.Dataset, batched: bool, num_gradients: int, 
         raise ValueError(f"the Fisher dataset must yield (x, y) or (x, y, sample_weight) tuples, got {spec}")
     if batched:
         dataset = dataset.unbatch()
-    if len(spec) == 3:
-        dataset = dataset.map(lambda x, y, w: (x, (y, w)))  # labels with weights: see sample_weighted
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
-    # One batching stage of chunk_gradients × fisher_batch_size samples, then each chunk reshaped into its
-    # groups (the same chunks as .batch(fisher_batch_size, drop_remainder=True).batch(chunk_gradients), a
-    # fraction of the per-sample cost: chunk boundaries are group boundaries, only the stream's last group
-    # can be incomplete, and it is dropped).
-    group = fisher_batch_size
+    # One batching stage of chunk_gradients × fisher_batch_size samples; each chunk is cut into its groups
+    # eagerly (FisherChunks): the same chunks as .batch(fisher_batch_size, drop_remainder=True)
+    # .batch(chunk_gradients) at a fraction of the per-sample cost, and no function for tf.data to trace at
+    # every event (a map and a filter cost more than the gradients of a small model).
+    chunks = dataset.take(num_gradients * fisher_batch_size).batch(chunk_gradients * fisher_batch_size)
+    return FisherChunks(chunks, fisher_batch_size, weighted=len(spec) == 3)
 
-    def into_groups(*chunk):
-        def split(t):
-            inner = t.shape[1:]
-            tail = inner.as_list() if inner.is_fully_defined() else tf.shape(t)[1:]
-            whole = tf.shape(t)[0] // group * group
-            return tf.reshape(t[:whole], tf.concat([[-1, group], tail], 0) if isinstance(tail, tf.Tensor)
-                              else [-1, group] + tail)
 
-        return tf.nest.map_structure(split, chunk)
+class FisherChunks:
+    """The chunks of :func:`fisher_batches`: an iterable (each pass reads the same samples) of eager (x, y).
 
-    return (
-        dataset.take(num_gradients * fisher_batch_size)
-        .batch(chunk_gradients * fisher_batch_size)
-        .map(into_groups)
-        .filter(lambda x, y: tf.shape(tf.nest.flatten(y)[0])[0] > 0)
-    )
+    Args:
+        chunks: a ``tf.data.Dataset`` of (x, y[, sample_weight]) batches of chunk × ``group`` samples (the
+            last may hold fewer).
+        group: samples per group (``fisher_batch_size``).
+        weighted: whether elements carry sample weights (they are then nested with the labels).
+    """
+
+    def __init__(self, chunks: tf.data.Dataset, group: int, weighted: bool):
+        self.chunks, self.group, self.weighted = chunks, group, weighted
+
+    def __iter__(self):
+        group = self.group
+        for chunk in self.chunks:
+            if self.weighted:  # labels with weights: see sample_weighted
+                chunk = (chunk[0], (chunk[1], chunk[2]))
+            rows = int(tf.nest.flatten(chunk)[0].shape[0])
+            whole = rows // group * group  # only the stream's last group can be incomplete: it is dropped
+            if whole == 0:
+                continue
+            yield tf.nest.map_structure(
+                lambda t: tf.reshape(t if whole == rows else t[:whole], [whole // group, group, *t.shape[1:]]),
+                chunk)
 
 
 def _same_padding(size, out, kernel, stride, dilation):

@@ -1,7 +1,9 @@
 """tfmot's sparsity structures in one shot on MNIST: OBS group scores against magnitude with the same pattern.
 
-Models: the authors' MLPNet (reference weights) and ``tfw.models.small_cnn()`` trained as in
-``benchmarks/oneshot_table.py`` (cached under benchmarks/out/). Patterns: 2:4 (``sparsity_m_by_n=(2, 4)``, every
+Models: the authors' MLPNet (reference weights), ``tfw.models.small_cnn()`` trained as in
+``benchmarks/oneshot_table.py`` and the tiny ViT of ``benchmarks/vit_lstm.py`` (both cached under benchmarks/out/;
+each pattern prunes only the layers whose kernels it fits, see :func:`structured_layers`).
+Patterns: 2:4 (``sparsity_m_by_n=(2, 4)``, every
 layer at 50%: tfmot's N:M is per group) and 1×4 blocks (``block_size=(1, 4)``, one global selection, at 50% and
 80%; the CNN's Conv2D kernels are 4-D, so with blocks only its Dense layers are pruned, as tfmot allows). Each run
 prunes a fresh copy of the dense model; top-1 accuracy on the official 10k MNIST test set; methods that sample
@@ -10,11 +12,13 @@ Fisher gradients are run with seeds 0, 1, 2. Then the ``.tflite`` of structured 
 
     python benchmarks/structures.py                   # about 10 minutes on 2 CPU cores
     python benchmarks/structures.py --seeds 1 --models mlpnet
+    python benchmarks/structures.py --models vit --reuse --no-export   # add the ViT to the existing table
 
 Outputs under --out (default benchmarks/results): structures.csv / structures.md (accuracy) and
 structures_export.csv (the export table, also in structures.md).
 """
 import argparse
+import csv
 import os
 import tempfile
 import time
@@ -22,8 +26,12 @@ import time
 import common  # first: imports tf_woodfisher before TensorFlow
 import oneshot_table  # the model loaders (MLPNet reference, the cached small CNN) and fresh_copy
 import tf_woodfisher as tfw
+import vit_lstm  # the trained tiny ViT (cached under benchmarks/out/vit_lstm)
 
 FISHER = dict(num_gradients=400, fisher_batch_size=10, damping=1e-4, fisher_block_size="model")
+# The ViT's gradients are small: at λ = 1e-4 its F = λI + GᵀG/m is λ-dominated (the scores barely depend on the
+# samples, the update on the Fisher), so the Fisher methods run with a damping of 1e-6 on it.
+DAMPING = {"vit": 1e-6}
 METHODS = {  # name → (label, one_shot_prune overrides)
     "magnitude": ("magnitude (tfmot's criterion)", dict(method="magnitude")),
     "diagonal_fisher": ("diagonal Fisher, pooled", dict(method="diagonal_fisher", num_gradients=400,
@@ -44,25 +52,58 @@ EXPORTS = {  # name → (label, structure overrides, target, layers, quantizatio
 }
 
 
-def layers_for(model_key, pattern):
-    """The layers a pattern can prune: blocks need 2-D kernels (tfmot's rule), so the CNN's Dense layers."""
-    return ["fc1", "fc2"] if model_key == "cnn" and "block_size" in PATTERNS[pattern][1] else None
+def load_vit(args, mnist):
+    """``tfw.models.vit_tiny()`` trained as in benchmarks/vit_lstm.py (its defaults; cached weights)."""
+    dense, _ = vit_lstm.dense_model("vit", vit_lstm.parse_args([]), mnist.x_train, mnist.y_train)
+    return dense, "`tfw.models.vit_tiny()` trained as in `benchmarks/vit_lstm.py`"
+
+
+MODELS = dict(oneshot_table.MODELS, vit=("ViT", False, load_vit))  # key → (title, flatten, loader)
+
+
+def structured_layers(model, structure):
+    """The top-level layers whose prunable kernels a tfmot structure fits (tfmot's rule: blocks need 2-D
+    kernels, N:M 2-D or 4-D ones), or None when that is every prunable layer."""
+    ranks = (2,) if "block_size" in structure else (2, 4)
+    fitting, every = [], True
+    for layer in model.layers:
+        try:
+            targets = tfw.find_prunable_weights(model, layers=layer.name, warn_unpruned=False)
+        except ValueError:  # a layer without prunable weights
+            continue
+        if all(len(t.variable.shape) in ranks for t in targets):
+            fitting.append(layer.name)
+        else:
+            every = False
+    return None if every else fitting
+
+
+def read_csv(path, **types):
+    """The rows of a csv written by this script, the columns named in ``types`` converted ([] when absent)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [dict(r, **{k: convert(r[k]) for k, convert in types.items()}) for r in csv.DictReader(f)]
 
 
 def run(args):
     rows = []
     for key in args.models:
-        title, flatten, loader = oneshot_table.MODELS[key]
+        title, flatten, loader = MODELS[key]
         mnist = common.Mnist(args.data_dir, flatten=flatten)
         dense, _ = loader(args, mnist)
         dense_accuracy = common.accuracy(dense, mnist.x_test, mnist.y_test)
         for pattern, (pattern_label, structure, target) in PATTERNS.items():
+            layers = structured_layers(dense, structure)
+            print(f"{title} {pattern_label}: prunes {'every prunable layer' if layers is None else layers}", flush=True)
             for method, (label, overrides) in METHODS.items():
                 for seed in ([0] if method == "magnitude" else range(args.seeds)):
                     model = oneshot_table.fresh_copy(dense)
                     tick = time.perf_counter()
+                    if "damping" in overrides and key in DAMPING:
+                        overrides = dict(overrides, damping=DAMPING[key])
                     report = tfw.one_shot_prune(model, mnist.train, common.LOSS, target, seed=seed, verbose=0,
-                                                layers=layers_for(key, pattern), **structure, **overrides)
+                                                layers=layers, **structure, **overrides)
                     seconds = time.perf_counter() - tick
                     accuracy = common.accuracy(model, mnist.x_test, mnist.y_test)
                     rows.append(dict(model=key, pattern=pattern, method=method, seed=seed, sparsity=report.sparsity,
@@ -75,14 +116,14 @@ def run(args):
 def summary_rows(rows, args):
     """One row per (model, pattern, method): mean ± sd, and the gain over magnitude in points."""
     out = []
-    for key in args.models:
+    for key in [k for k in MODELS if any(r["model"] == k for r in rows)]:
         for pattern in PATTERNS:
             runs = {m: [r for r in rows if (r["model"], r["pattern"], r["method"]) == (key, pattern, m)]
                     for m in METHODS}
             magnitude = runs["magnitude"][0]["accuracy"]
             for method, found in runs.items():
                 mean, sd = common.mean_sd([r["accuracy"] for r in found])
-                out.append(dict(model=oneshot_table.MODELS[key][0], dense=found[0]["dense"],
+                out.append(dict(model=MODELS[key][0], dense=found[0]["dense"],
                                 pattern=PATTERNS[pattern][0], method=METHODS[method][0],
                                 sparsity=found[0]["sparsity"], accuracy=mean, sd=sd if len(found) > 1 else None,
                                 gain=None if method == "magnitude" else mean - magnitude, seeds=len(found),
@@ -115,12 +156,16 @@ NOTES = """Top-1 accuracy on the official 10k MNIST test set after pruning a fre
 without retraining. The pattern is the same for every method of a row group; only the scores (and the OBS weight
 update) differ. "magnitude" is tfmot's own criterion (N:M: the 2 smallest |w| of every 4 inputs; blocks: AVG
 pooling of |w| with one global threshold); diagonal Fisher pools ½w²F_qq; WoodFisher scores a group Q by
-½·w_Qᵀ[(F⁻¹)_QQ]⁻¹w_Q (2:4: all 6 subsets of every 4 weights tried) and applies the joint OBS update, with
-400 gradients of 10 samples each, λ = 1e-4 and one Fisher block over all pruned weights
-(`fisher_block_size='model'`); "4 steps" recomputes the Fisher between steps. Sampled methods: mean ± sd over
-seeds 0, 1, 2; gain: points over magnitude with the same pattern. 2:4 prunes every layer at 50% (MLPNet's last
-layer has 20 inputs: 5 groups of 4; the CNN's first conv has one input channel, so its groups of one weight are
-kept, as in tfmot); with 1×4 blocks the CNN's Conv2D kernels (4-D) stay dense (tfmot's rule)."""
+½·w_Qᵀ[(F⁻¹)_QQ]⁻¹w_Q (2:4: all 6 subsets of every 4 weights tried) and applies the joint OBS update, with 400
+gradients of 10 samples each, λ = 1e-4 (ViT: 1e-6, its Fisher is λ-dominated at 1e-4) and one Fisher block over all
+pruned weights (`fisher_block_size='model'`); "4 steps" recomputes the Fisher between steps. Sampled methods: mean
+± sd over seeds 0, 1, 2; gain: points over magnitude with the same pattern. 2:4 prunes every layer at 50% (MLPNet's
+last layer has 20 inputs: 5 groups of 4; the CNN's first conv has one input channel, so its groups of one weight
+are kept, as in tfmot); with 1×4 blocks the CNN's Conv2D kernels (4-D) stay dense (tfmot's rule). ViT
+(`tfw.models.vit_tiny()` of benchmarks/vit_lstm.py): the MultiHeadAttention kernels are 3-D, which neither tfmot's
+N:M nor its blocks accept, so they stay dense under both patterns; 2:4 prunes the patch embedding (a Conv2D with
+one input channel: kept, as the CNN's first conv), the MLP Dense layers and the head; 1×4 blocks prune the MLP
+Dense layers and the head (the patch embedding is 4-D). Sparsity: over the pruned layers' kernels."""
 
 COLUMNS = {"model": lambda r: f"{r['model']} (dense {common.percent(r['dense'], True)})", "pattern": "{pattern}",
            "method": "{method}", "sparsity": lambda r: common.percent(r["sparsity"], True),
@@ -136,7 +181,9 @@ EXPORT_COLUMNS = {"MLPNet, WoodFisher group OBS (4 steps)": "{export}",
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=list(oneshot_table.MODELS), default=list(oneshot_table.MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--reuse", action="store_true", help="keep the runs of the other models (and, with "
+                        "--no-export, the export table) from the csv files in --out")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the sampled methods (default 3)")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="output folder (default benchmarks/results)")
     parser.add_argument("--no-export", action="store_true", help="skip the .tflite table")
@@ -148,10 +195,17 @@ def main(argv=None):
     args = parse_args(argv)
     common.quiet_tensorflow()
     started = time.perf_counter()
-    rows = run(args)
-    common.write_csv(os.path.join(args.out, "structures_runs.csv"), rows)
-    export_rows = [] if args.no_export else exports(args)
+    runs_csv, export_csv = (os.path.join(args.out, f"structures_{n}.csv") for n in ("runs", "export"))
+    kept = [r for r in read_csv(runs_csv, seed=int, sparsity=float, accuracy=float, dense=float, seconds=float)
+            if r["model"] not in args.models] if args.reuse else []
+    rows = kept + run(args)
+    common.write_csv(runs_csv, rows)
+    export_rows = (read_csv(export_csv, sparsity=float, keras_accuracy=float, dense_bytes=int, bytes=int, ratio=float,
+                            agreement=float) if args.reuse else []) if args.no_export else exports(args)
     notes = NOTES
+    if kept:
+        notes += (f"\n\nWith --reuse: the rows of {sorted({r['model'] for r in kept})} come from the runs already in "
+                  f"structures_runs.csv (an earlier run of this script); the time above is that of {args.models}.")
     if export_rows:
         common.write_csv(os.path.join(args.out, "structures_export.csv"), export_rows)
         notes += ("\n\nThe `.tflite` files (`tfw.export_tflite`, `EXPERIMENTAL_SPARSITY`, verified with LiteRT's "

@@ -115,32 +115,66 @@ def one_shot_run(name, dense, method, target, seed, args, mnist):
             "seconds": time.perf_counter() - started}
 
 
-def gradual_run(name, dense, method, target, seed, args, mnist):
+def fresh_model(name, dense, seed):
+    """A new ``MODELS[name]`` with the weights of ``dense``, built after ``keras.utils.set_random_seed(seed)``."""
     keras.utils.set_random_seed(seed)
-    base = MODELS[name]()
-    base.set_weights(dense.get_weights())
+    model = MODELS[name]()
+    model.set_weights(dense.get_weights())
+    return model
+
+
+def wrap_for_pruning(base, wrap, layers=None):
+    """``wrap(base)``, or, with ``layers`` (top-level layer names), a clone of ``base`` in which only those layers
+    are wrapped (tfmot's ``clone_model`` recipe: the layers are reused, so the weights are ``base``'s)."""
+    if layers is None:
+        return wrap(base)
+    return keras.models.clone_model(base, clone_function=lambda layer: wrap(layer) if layer.name in layers else layer)
+
+
+def gradual_fit(base, method, target, seed, args, mnist, layers=None, **structure):
+    """Prune ``base`` during ``model.fit`` with tfmot's ``prune_low_magnitude`` (method 'tfmot_magnitude') or
+    ``tfw.prune_woodfisher`` ('woodfisher'): the same cubic ramp to ``target``, epochs, optimizer and data order.
+
+    ``structure``: tfmot's ``block_size`` / ``sparsity_m_by_n``, given to both (with N:M both set the masks once,
+    at training step 1, whatever the schedule); ``layers``: the top-level layers to wrap (default: the model).
+    Returns the stripped model, the seconds of ``fit`` and the seconds of the WoodFisher events (NaN for tfmot).
+    """
     _, end_step = common.ramp_steps(len(mnist.y_train), args.batch_size, args.epochs / 2, args.frequency)
     ramp = dict(initial_sparsity=0.0, final_sparsity=target, begin_step=0, end_step=end_step, power=3,
                 frequency=args.frequency)
     if method == "tfmot_magnitude":
-        model = tfmot.sparsity.keras.prune_low_magnitude(base, tfmot.sparsity.keras.PolynomialDecay(**ramp))
+        schedule = tfmot.sparsity.keras.PolynomialDecay(**ramp)
+        model = wrap_for_pruning(base, lambda x: tfmot.sparsity.keras.prune_low_magnitude(x, schedule, **structure),
+                                 layers)
         callback = tfmot.sparsity.keras.UpdatePruningStep()
     else:
-        model = tfw.prune_woodfisher(base, tfw.GradualSchedule(**ramp), method="woodfisher", mode=args.woodfisher_mode,
-                                     seed=100_000 * seed, **woodfisher_settings(args))
+        schedule = tfw.GradualSchedule(**ramp)
+        model = wrap_for_pruning(base, lambda x: tfw.prune_woodfisher(
+            x, schedule, method="woodfisher", mode=args.woodfisher_mode, seed=100_000 * seed,
+            **woodfisher_settings(args), **structure), layers)
         callback = tfw.UpdatePruningStep(mnist.train, common.LOSS)
     model.compile(keras.optimizers.Adam(args.prune_lr), common.LOSS)
     started = time.perf_counter()
     model.fit(mnist.x_train, mnist.y_train, batch_size=args.batch_size, epochs=args.epochs, shuffle=True,
               callbacks=[callback], verbose=0)
-    stripped = tfw.strip_pruning(model)
+    seconds = time.perf_counter() - started
     events = getattr(callback, "events", None)
-    layers = {t.name: common.kernel_sparsity([t.variable]) for t in tfw.find_prunable_weights(stripped)}
-    print(f"  {method} per layer: " + ", ".join(f"{k} {v:.0%}" for k, v in layers.items()), flush=True)
+    return tfw.strip_pruning(model), seconds, sum(e["seconds"] for e in events) if events else float("nan")
+
+
+def layer_sparsities(model):
+    """{kernel name: fraction of zeros} over the model's prunable kernels."""
+    return {t.name: common.kernel_sparsity([t.variable]) for t in tfw.find_prunable_weights(model,
+                                                                                              warn_unpruned=False)}
+
+
+def gradual_run(name, dense, method, target, seed, args, mnist):
+    stripped, seconds, event_seconds = gradual_fit(fresh_model(name, dense, seed), method, target, seed, args, mnist)
+    print(f"  {method} per layer: " + ", ".join(f"{k} {v:.0%}" for k, v in layer_sparsities(stripped).items()),
+          flush=True)
     return {"model": name, "part": "gradual", "method": method, "target": target, "seed": seed,
             "sparsity": pruned_share(stripped), "accuracy": common.accuracy(stripped, mnist.x_test, mnist.y_test),
-            "seconds": time.perf_counter() - started,
-            "event_seconds": sum(e["seconds"] for e in events) if events else float("nan")}
+            "seconds": seconds, "event_seconds": event_seconds}
 
 
 def table(rows, part, methods, sparsities, dense):

@@ -122,6 +122,37 @@ def test_conv_variants(group_size, grouped, monkeypatch):
 
 
 @pytest.mark.parametrize("group_size", [1, 3])
+def test_non_overlapping_windows_use_the_patch_matmul(group_size, monkeypatch):
+    """strides = kernel size (a patch embedding): 'valid' with a cropped remainder, 'same' with k dividing the
+    size, rank 1, 2 and 3, against the loop; the patch path is taken (the other paths are made to fail)."""
+    from tf_woodfisher.fisher import rules
+
+    calls = []
+    original = rules._patch_kernel_gradient
+
+    def counted(*args):
+        result = original(*args)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(rules, "_patch_kernel_gradient", counted)
+    monkeypatch.setattr(rules, "_grouped_kernel_gradient", lambda *a: pytest.fail("grouped path taken"))
+    seq, img, vol = keras.Input((10, 3)), keras.Input((9, 8, 2)), keras.Input((4, 6, 4, 1))
+    one = keras.Input((9, 8, 1))
+    outs = [
+        keras.layers.Conv1D(4, 3, strides=3, padding="valid")(seq),  # 10 = 3·3 + 1: the last position cropped
+        keras.layers.Conv2D(5, 3, strides=3, padding="valid", use_bias=False)(img),  # 9 × 8 → 3 × 2 windows
+        keras.layers.Conv2D(3, (3, 2), strides=(3, 2), padding="same")(one),  # 9/3, 8/2: no padding
+        keras.layers.Conv3D(2, 2, strides=2, padding="valid")(vol),
+    ]
+    model = keras.Model([seq, img, one, vol],
+                        head(keras.layers.Concatenate()([keras.layers.Flatten()(o) for o in outs])))
+    x, y = data(model, 3, group_size)
+    assert all_rules(check(model, x, y))
+    assert calls and all(calls), calls
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
 def test_pointwise_convs(group_size):
     """1×1 convolutions (a Dense over the strided positions: one batched matmul), 'same' and 'valid', strided
     on odd sizes; a grouped 1×1 takes the convolution path."""

@@ -187,25 +187,3 @@ def test_gram_sums_of_masked_gradients_match_their_rows(mlpnet_npz, mnist_flat):
         np.testing.assert_allclose(square, (g ** 2).mean(axis=0), rtol=1e-4, atol=1e-9)
         pruned = (offset + np.arange(g.shape[1])) % 3 == 0
         assert np.all(square[pruned] == 0) and np.count_nonzero(square[~pruned]) > 0.5 * np.sum(~pruned)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_huge_page_output_buffers_hold_the_same_rows(rng, monkeypatch, dtype):
-    """Output buffers from HUGE_PAGE_BYTES on are anonymous mappings (MADV_HUGEPAGE): the same rows as the
-    ordinary NumPy buffers, in the same dtype, masked, and alive after the NumPy array is gone."""
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, name="a"), keras.layers.Dense(3, name="b")])
-    variables = [layer.kernel for layer in model.layers]
-    x, y = rng.standard_normal((24, 6)).astype(np.float32), rng.integers(0, 3, 24)
-    data = tf.data.Dataset.from_tensor_slices((x, y))
-    mask = tf.constant((rng.random(6 * 5 + 5 * 3) > 0.3).astype(np.float32))
-    options = dict(mask=mask, shuffle_buffer=0, chunk_gradients=5, dtype=dtype)  # in order, 3 chunks
-    ordinary = collect_gradient_columns(model, variables, data, LOSS, 12, 2, **options)
-    monkeypatch.setattr(gradients, "HUGE_PAGE_BYTES", 1)
-    mapped = collect_gradient_columns(model, variables, data, LOSS, 12, 2, **options)
-    for got, want in zip(mapped, ordinary):
-        assert got.dtype == want.dtype == tf.as_dtype(dtype)
-        np.testing.assert_array_equal(tf.cast(got, tf.float32).numpy(), tf.cast(want, tf.float32).numpy())
-    rows = np.concatenate([tf.cast(g, tf.float32).numpy() for g in mapped], axis=1)
-    expected = loop_gradients(model, variables, x, y, 2) * mask.numpy()  # group i = samples 2i, 2i + 1
-    np.testing.assert_allclose(rows, expected, rtol=1e-5 if dtype == "float32" else 1e-2,
-                               atol=1e-6 if dtype == "float32" else 1e-2 * np.abs(expected).max())

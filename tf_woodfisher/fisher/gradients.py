@@ -9,7 +9,6 @@ This module knows no Keras: ``forward`` is any callable ``inputs → outputs`` (
 with ``training=False``, say) and ``loss_fn`` any callable ``(y_true, y_pred) → per-sample losses (n,)``.
 """
 import math
-import mmap
 import weakref
 from typing import Callable, Optional, Sequence
 
@@ -652,25 +651,9 @@ def _store_rows(target, rows, mask):
     return int(np.count_nonzero(~np.isfinite(target)))
 
 
-HUGE_PAGE_BYTES = 64 * 2 ** 20  # output buffers from this size on are mapped with transparent huge pages
-
-
 def _aligned_empty(shape, dtype):
-    """An uninitialised NumPy array for ``dtype`` whose data is 64-byte aligned, as tensor buffers must be.
-
-    From :data:`HUGE_PAGE_BYTES` on, the memory is an anonymous mapping advised to use transparent huge pages
-    (Linux ``MADV_HUGEPAGE``; page-aligned): the first write of a fresh m × d buffer is then bound by
-    bandwidth instead of by one page fault per 4 KiB (3–6× faster on a 2 GB buffer here). Where the advice
-    is not available the memory is ordinary NumPy memory; the mapping is unmapped when the array (and every
-    tensor over it) is freed."""
+    """An uninitialised NumPy array for ``dtype`` whose data is 64-byte aligned, as tensor buffers must be."""
     itemsize, count = dtype.size, int(np.prod(shape))
-    if count * itemsize >= HUGE_PAGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping = mmap.mmap(-1, count * itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            mapping.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # kernels without transparent huge pages: ordinary pages
-            pass
-        return np.frombuffer(mapping, dtype.as_numpy_dtype, count).reshape(shape)
     raw = np.empty(count * itemsize + 64, np.uint8)
     offset = -raw.ctypes.data % 64
     return raw[offset:offset + count * itemsize].view(dtype.as_numpy_dtype).reshape(shape)

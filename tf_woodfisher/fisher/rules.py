@@ -12,9 +12,11 @@ backward pass over all g·b samples record, per rule layer and per call, ``x`` a
 already divided by b), and the g per-group weight gradients are formed by contractions that sum over the b
 samples of a group inside the contraction: per-sample gradients are never materialised when b > 1.
 Dense, EinsumDense, pointwise kernels and LocallyConnected: one batched einsum over (group, samples ×
-positions). Convolutions (plain, grouped, transposed, depthwise): for groups of b ≥ 2 samples,
-TensorFlow's own kernel-gradient op (Conv2DBackpropFilter, ...) run once per group on the group's samples
-in a ``tf.map_fn`` over groups; for b = 1, one batched contraction per kernel offset (faster there).
+positions). Convolutions (plain, grouped, transposed, depthwise): where TensorFlow has a grouped kernel
+gradient (oneDNN, cuDNN), one grouped Conv2DBackpropFilter for all groups at once; otherwise, for groups of
+b ≥ 2 samples, TensorFlow's own kernel-gradient op run once per group in a ``tf.map_fn`` over groups, and
+for b = 1 one batched contraction per kernel offset. Non-overlapping windows (strides = kernel size, a
+ViT's patch embedding) are a reshape of the input: one batched matmul of the patches with dz.
 Embedding: the output gradients scattered into per-group rows.
 
 Capture: while the gradient function traces (and only then), each rule layer's ``call`` is replaced on the
@@ -229,6 +231,29 @@ def _pointwise_kernel_gradient(x, dz, cfg, conv_groups, groups):
     if x.shape[1:-1].as_list() != dz.shape[1:-1].as_list():
         return None
     return _group_matmul(x, dz, groups)
+
+
+def _patch_kernel_gradient(x, dz, cfg, conv_groups, groups):
+    """Per-group kernel gradient (g, *K, C, O) of a convolution whose windows do not overlap (strides equal
+    to the kernel size, no dilation, one channel group: a ViT's patch embedding): the windows are a reshape
+    of the (cropped) input, so one batched matmul of the patches with dz. None where it does not apply
+    (overlapping or padded windows, grouped channels, a 1×1 kernel, dynamic sizes)."""
+    kernel, strides = list(cfg["kernel_size"]), list(cfg["strides"])
+    if conv_groups != 1 or kernel != strides or any(d != 1 for d in cfg["dilations"]) or all(k == 1 for k in kernel):
+        return None
+    out, spatial = dz.shape[1:-1].as_list(), x.shape[1:-1].as_list()
+    if None in out or None in spatial or cfg["padding"] not in ("valid", "same"):
+        return None
+    # 'valid': out = ⌊S/k⌋ windows from the start; 'same': no padding only when k divides S (then out = S/k)
+    if any(o * k > size or (cfg["padding"] == "same" and size % k) for o, k, size in zip(out, kernel, spatial)):
+        return None
+    rank, channels = len(kernel), x.shape[-1]
+    x = x[(slice(None),) + tuple(slice(0, o * k) for o, k in zip(out, kernel)) + (slice(None),)]
+    x = tf.reshape(_f32(x), [-1] + [d for o, k in zip(out, kernel) for d in (o, k)] + [channels])
+    x = tf.transpose(x, [0] + [1 + 2 * i for i in range(rank)] + [2 + 2 * i for i in range(rank)] + [2 * rank + 1])
+    patches = tf.reshape(x, [groups, -1, math.prod(kernel) * channels])  # (g, b·positions, K·C)
+    d = tf.reshape(_f32(dz), [groups, -1, dz.shape[-1]])
+    return tf.reshape(tf.einsum("gpk,gpo->gko", patches, d), [groups, *kernel, channels, dz.shape[-1]])
 
 
 _GROUPED_SUPPORT = []  # [bool] once probed: whether grouped convolutions have a kernel gradient on this device
@@ -470,6 +495,8 @@ class _Conv(_Rule):
         s = record.saved
         cfg, conv_groups = s["cfg"], int(getattr(layer, "groups", 1) or 1)
         kernel = _pointwise_kernel_gradient(s["x"], dz, cfg, conv_groups, groups)
+        if kernel is None:
+            kernel = _patch_kernel_gradient(s["x"], dz, cfg, conv_groups, groups)
         if kernel is None:  # 'same' and 'valid' as the layer pads; 'causal' padded explicitly, then 'valid'
             unpadded = cfg["padding"] != "causal"
             kernel = _grouped_kernel_gradient(s["x"] if unpadded else _pad(s["x"], s["pads"]), dz,

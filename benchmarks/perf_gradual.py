@@ -9,7 +9,7 @@ costs (tracing, the rule check) and is reported apart. Per event: its gradient, 
 (``tfw.UpdatePruningStep.events``), and the floor of its gradient stage, one plain batched gradient of the mean
 loss of the event's 2,048 samples (``perf_common.batched_gradient_fn``).
 
-    python benchmarks/perf_gradual.py              # about 1.5 min on 2 cores (5 repeats)
+    python benchmarks/perf_gradual.py              # about 1.2 min on 2 cores (5 repeats)
     python benchmarks/perf_gradual.py --repeats 3
 
 Outputs: benchmarks/results/perf_gradual.{md,csv}.

@@ -154,3 +154,23 @@ def test_bad_input(mlpnet90, tmp_path):
     with pytest.raises(ValueError, match="expects a keras.Model"):
         export_tflite(keras.layers.Dense(3), path)
     assert not path.exists()
+
+
+@pytest.mark.slow
+def test_recurrent_loop_error_says_how_to_export_and_the_unrolled_copy_exports(tmp_path, rng):
+    """A non-unrolled LSTM: the converter's TensorList error becomes a ValueError naming the layer and the fix;
+    the fix it names (a clone with unroll=True and the same weights) exports and agrees with Keras."""
+    model = keras.Sequential([keras.Input((5, 3)), keras.layers.LSTM(4, name="rows"), keras.layers.Dense(2)])
+    x = rng.standard_normal((16, 5, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"recurrent layers \['rows'\].*unroll.*True"):
+        export_tflite(model, tmp_path / "loop.tflite", check_inputs=x)
+    assert not (tmp_path / "loop.tflite").exists()
+
+    def unrolled(layer):
+        config = layer.get_config()
+        return type(layer).from_config({**config, "unroll": True} if isinstance(layer, keras.layers.RNN) else config)
+
+    copy = keras.models.clone_model(model, clone_function=unrolled)
+    copy.set_weights(model.get_weights())
+    result = export_tflite(copy, tmp_path / "unrolled.tflite", check_inputs=x)
+    assert result.argmax_agreement == 1.0 and (tmp_path / "unrolled.tflite").exists()

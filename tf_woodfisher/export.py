@@ -64,7 +64,8 @@ def export_tflite(model, path, sparse=True, quantization=None, representative_da
         ValueError: bad arguments (an unknown ``quantization``, ``'int8'`` without a representative dataset,
             empty or mis-shaped inputs, an input shape not fully known without ``check_inputs``), a model
             that is not a tf_keras model, was never called, has several inputs or outputs, or still holds
-            PruneLowMagnitude wrappers after stripping.
+            PruneLowMagnitude wrappers after stripping; a recurrent layer that is not unrolled, whose
+            while_loop the converter cannot lower (the message says how to export an unrolled copy).
         TFLiteVerificationError: the ``.tflite`` fails the check (``path`` is then left untouched).
     """
     check_quantization(quantization, representative_dataset)
@@ -123,7 +124,18 @@ def _convert(model, sparse, quantization, representative):
         setattr(converter.target_spec, name, value)
     for name, value in options.items():
         setattr(converter, name, value)
-    return converter.convert()
+    try:
+        return converter.convert()
+    except Exception as error:  # the converter's ConverterError: add what to do where we know it
+        loops = [m.name for m in model.submodules if isinstance(m, keras.layers.RNN) and not m.unroll]
+        if loops and "TensorList" in str(error):
+            raise ValueError(
+                f"the TFLite converter cannot lower the while_loop of the recurrent layers {loops} (its "
+                "TensorList ops need a static shape). Export a copy with unroll=True on those layers and the same "
+                "weights: keras.models.clone_model with a clone_function that sets 'unroll': True in their "
+                "config, then copy.set_weights(model.get_weights())"
+            ) from error
+        raise
 
 
 def _input_shape(model):

@@ -64,3 +64,19 @@ def test_bad_input(sparse_mlp, tmp_path):
     two = keras.Model([a, b], L.Dense(2)(L.Concatenate()([a, b])))
     with pytest.raises(ValueError, match="single-input models"):
         tfw3.export_tflite(two, tmp_path / "x.tflite")
+
+
+@pytest.mark.slow
+def test_recurrent_loop_error_names_the_layer_and_the_unrolled_copy_exports(tmp_path, rng):
+    """Keras 3's LSTM while_loop does not convert: a ValueError naming the layer and the fix, which works."""
+    def lstm(unroll):
+        return keras.Sequential([keras.Input((5, 3)), keras.layers.LSTM(4, name="rows", unroll=unroll),
+                                 keras.layers.Dense(2)])
+
+    model, x = lstm(False), rng.standard_normal((16, 5, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"recurrent layers \['rows'\].*unroll.*True"):
+        tfw3.export_tflite(model, tmp_path / "loop.tflite", check_inputs=x)
+    copy = lstm(True)
+    copy.set_weights(model.get_weights())
+    result = tfw3.export_tflite(copy, tmp_path / "unrolled.tflite", check_inputs=x)
+    assert result.argmax_agreement == 1.0 and (tmp_path / "unrolled.tflite").exists()

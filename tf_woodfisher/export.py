@@ -73,7 +73,9 @@ def export_tflite(model, path, sparse=True, quantization=None, representative_da
     return verified_export(path, lambda sparse_, representative: _convert(model, sparse_, quantization, representative),
                            lambda x: np.asarray(model.predict(x, batch_size=BATCH, verbose=0)), _input_shape(model),
                            sparse, quantization, representative_dataset, check_inputs, atol, rtol,
-                           min_argmax_agreement, default_delegates, dense_kernels=_dense_kernels(model))
+                           min_argmax_agreement, default_delegates, dense_kernels=_dense_kernels(model),
+                           recurrent_loops=[m.name for m in model.submodules
+                                            if isinstance(m, keras.layers.RNN) and not m.unroll])
 
 
 def _dense_kernels(model):
@@ -124,18 +126,7 @@ def _convert(model, sparse, quantization, representative):
         setattr(converter.target_spec, name, value)
     for name, value in options.items():
         setattr(converter, name, value)
-    try:
-        return converter.convert()
-    except Exception as error:  # the converter's ConverterError: add what to do where we know it
-        loops = [m.name for m in model.submodules if isinstance(m, keras.layers.RNN) and not m.unroll]
-        if loops and "TensorList" in str(error):
-            raise ValueError(
-                f"the TFLite converter cannot lower the while_loop of the recurrent layers {loops} (its "
-                "TensorList ops need a static shape). Export a copy with unroll=True on those layers and the same "
-                "weights: keras.models.clone_model with a clone_function that sets 'unroll': True in their "
-                "config, then copy.set_weights(model.get_weights())"
-            ) from error
-        raise
+    return converter.convert()
 
 
 def _input_shape(model):

@@ -137,7 +137,7 @@ def converter_options(sparse: bool, quantization, representative) -> dict:
 
 def verified_export(path, convert: Callable, predict: Callable, input_shape: tuple, sparse: bool, quantization,
                     representative_dataset, check_inputs, atol, rtol, min_argmax_agreement,
-                    default_delegates: bool, dense_kernels=()) -> TFLiteExport:
+                    default_delegates: bool, dense_kernels=(), recurrent_loops=()) -> TFLiteExport:
     """Convert, verify and write a ``.tflite`` file; the flow of both adapters' ``export_tflite``.
 
     Args:
@@ -157,12 +157,14 @@ def verified_export(path, convert: Callable, predict: Callable, input_shape: tup
             above are as in :func:`tf_woodfisher.export.export_tflite`.
         dense_kernels: (layer name, kernel [in, out]) of the model's Dense layers, to name in the error those
             that break a sparse int8 file (:func:`int8_block_hazards`).
+        recurrent_loops: names of the model's recurrent layers that are not unrolled: when the converter
+            fails on their while_loop (TensorList ops), the error names them and says how to export.
 
     Returns:
         A :class:`TFLiteExport`.
 
     Raises:
-        ValueError: bad inputs.
+        ValueError: bad inputs; a conversion that fails on the while_loop of ``recurrent_loops``.
         TFLiteVerificationError: the file fails the check (``path`` is left untouched).
     """
     check_quantization(quantization, representative_dataset)
@@ -174,8 +176,8 @@ def verified_export(path, convert: Callable, predict: Callable, input_shape: tup
     representative = (None if representative_dataset is None
                       else _input_array(representative_dataset, input_shape))
     x = _check_inputs(check_inputs, representative, input_shape)
-    dense = convert(False, representative)
-    content = convert(True, representative) if sparse else dense
+    dense = _converted(convert, False, representative, recurrent_loops)
+    content = _converted(convert, True, representative, recurrent_loops) if sparse else dense
     reference = np.asarray(predict(x))
 
     directory = os.path.dirname(os.path.abspath(path))
@@ -199,6 +201,22 @@ def verified_export(path, convert: Callable, predict: Callable, input_shape: tup
     return TFLiteExport(path=str(path), bytes=len(content), dense_bytes=len(dense), max_abs_error=error,
                         argmax_agreement=agreement, num_checked=len(x),
                         interpreter=f"{RUNTIME} ({delegates})")
+
+
+def _converted(convert, sparse, representative, recurrent_loops):
+    """``convert(sparse, representative)``; a converter error on a recurrent layer's while_loop (TensorList ops
+    with a dynamic shape, as tf_keras and Keras 3 LSTMs / GRUs build them) becomes a ValueError naming the
+    layers and the fix."""
+    try:
+        return convert(sparse, representative)
+    except Exception as error:  # the converter's ConverterError (its module path differs between versions)
+        if recurrent_loops and "TensorList" in str(error):
+            raise ValueError(
+                f"the TFLite converter cannot lower the while_loop of the recurrent layers {list(recurrent_loops)} "
+                "(its TensorList ops need a static shape). Export a copy with unroll=True on those layers and the "
+                "same weights: clone the model with a clone_function that sets 'unroll': True in their config, "
+                "then copy.set_weights(model.get_weights())") from error
+        raise
 
 
 def _input_array(data, input_shape):

@@ -77,7 +77,9 @@ def export_tflite(model, path, sparse: bool = True, quantization: Optional[str] 
 
     return verified_export(path, convert, lambda x: np.asarray(model.predict(x, batch_size=BATCH, verbose=0)),
                            input_shape, sparse, quantization, representative_dataset, check_inputs, atol, rtol,
-                           min_argmax_agreement, default_delegates)
+                           min_argmax_agreement, default_delegates,
+                           recurrent_loops=[layer.name for layer in compat.keras3_sublayers(model)
+                                            if hasattr(layer, "cell") and getattr(layer, "unroll", True) is False])
 
 
 def _input_shape(model) -> tuple:

@@ -78,10 +78,10 @@ def main(argv=None):
         tfmot_seconds, _ = fit("tfmot", x, y, fisher, repeat, args.epochs)
         wf_seconds, events = fit("woodfisher", x, y, fisher, repeat, args.epochs)
         stats = [e["stats"] for e in events]
+        event_seconds = sum(e["seconds"] for e in events)
         row = dict(repeat="first (one-time costs)" if repeat == 0 else str(repeat), tfmot_fit_s=tfmot_seconds,
                    woodfisher_fit_s=wf_seconds, ratio=wf_seconds / tfmot_seconds, events=len(events),
-                   event_s=sum(e["seconds"] for e in events), first_event_s=events[0]["seconds"],
-                   outside_s=wf_seconds - sum(e["seconds"] for e in events),
+                   event_s=event_seconds, first_event_s=events[0]["seconds"], outside_s=wf_seconds - event_seconds,
                    later_event_s=float(np.median([e["seconds"] for e in events[1:]])),
                    gradient_s=float(np.median([s.gradient_seconds for s in stats[1:]])),
                    inverse_s=float(np.median([s.inverse_seconds for s in stats[1:]])),

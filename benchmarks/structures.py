@@ -97,11 +97,11 @@ def run(args):
             layers = structured_layers(dense, structure)
             print(f"{title} {pattern_label}: prunes {'every prunable layer' if layers is None else layers}", flush=True)
             for method, (label, overrides) in METHODS.items():
+                if "damping" in overrides and key in DAMPING:
+                    overrides = dict(overrides, damping=DAMPING[key])
                 for seed in ([0] if method == "magnitude" else range(args.seeds)):
                     model = oneshot_table.fresh_copy(dense)
                     tick = time.perf_counter()
-                    if "damping" in overrides and key in DAMPING:
-                        overrides = dict(overrides, damping=DAMPING[key])
                     report = tfw.one_shot_prune(model, mnist.train, common.LOSS, target, seed=seed, verbose=0,
                                                 layers=layers, **structure, **overrides)
                     seconds = time.perf_counter() - tick

@@ -7,7 +7,8 @@ match the Keras model. In TF 2.21 / LiteRT 2.3, quantized models with EXPERIMENT
 XNNPACK defects: Dense kernels with unstructured sparsity fail to prepare (dynamic-range and int8),
 and dynamic-range ones with 1x16 block sparsity silently give wrong outputs; full-int8 ones in 1x16 blocks
 (Keras ``block_size=(16, 1)``) work, but only for kernels whose input size is a multiple of 16 (others give
-wrong outputs, builtin kernels included). The check turns all of these into a
+wrong outputs, builtin kernels included). On some x86 CPUs XNNPACK segfaults on these files instead;
+the check runs them in a child process. It turns all of these into a
 :class:`TFLiteVerificationError` that names the fix (and the offending Dense layers).
 """
 from tf_woodfisher import legacy_keras  # noqa: F401, I001  (first: TF_USE_LEGACY_KERAS=1 before TensorFlow)

@@ -3,24 +3,23 @@
 :func:`verified_export` converts a model (through the adapter's converter), runs the ``.tflite`` the way a
 user would (LiteRT's ``ai_edge_litert`` interpreter, else TensorFlow's; default delegates, i.e. XNNPACK on CPU)
 and writes it to ``path`` only when its outputs match the Keras model's; otherwise it raises a
-:class:`TFLiteVerificationError` that says whose fault it is and what to do. Imports neither Keras.
+:class:`TFLiteVerificationError` that says whose fault it is and what to do. The file runs in a child process
+(:mod:`tf_woodfisher.tflite_run`), so a delegate that crashes fails the check rather than killing the caller.
+Imports neither Keras.
 """
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
 import tempfile
-import warnings
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-try:
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    RUNTIME = "ai_edge_litert"
-except ImportError:  # TF's own interpreter, deprecated but present in TF 2.21
-    Interpreter, OpResolverType = tf.lite.Interpreter, tf.lite.experimental.OpResolverType
-    RUNTIME = "tf.lite"
+from tf_woodfisher import tflite_run
+from tf_woodfisher.tflite_run import BATCH, RUNTIME, Interpreter, OpResolverType  # noqa: F401 (re-exported)
 
 QUANTIZATIONS = (None, "dynamic", "int8")
 # Defaults per quantization: (rtol relative to the output scale max|keras output|, min argmax agreement).
@@ -30,6 +29,7 @@ DEFAULT_ATOL = 1e-6
 NUM_RANDOM_CHECK_INPUTS = 64
 INT8_BLOCK = 16  # full-int8 sparse FULLY_CONNECTED kernels are encoded (and run correctly) in 1x16 blocks
 MIN_SPARSITY_ENCODED = 0.3  # the converter leaves tensors with fewer zeros dense (kMinSparsityLevel)
+CHILD = (sys.executable, "-P", tflite_run.__file__)  # the check's process; -P: not the package folder on sys.path
 
 
 def int8_block_hazards(dense_kernels) -> tuple:
@@ -54,7 +54,6 @@ def int8_block_hazards(dense_kernels) -> tuple:
         elif np.mean(kernel == 0) >= MIN_SPARSITY_ENCODED:
             hazards.append((name, int(kernel.shape[0]), float(np.mean(kernel == 0))))
     return tuple(hazards), tuple(safe)
-BATCH = 1024  # inputs per interpreter or predict call
 
 
 class TFLiteVerificationError(ValueError):
@@ -252,26 +251,28 @@ def _check_inputs(check_inputs, representative, input_shape):
 
 
 def _run(path, x, default_delegates):
-    """Outputs of the ``.tflite`` at ``path`` on inputs ``x``, in batches of at most 1024."""
-    resolver = OpResolverType.AUTO if default_delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"(?s).*tf.lite.Interpreter is deprecated")
-        interpreter = Interpreter(model_path=path, experimental_op_resolver_type=resolver)
-    if len(interpreter.get_output_details()) != 1:
-        raise ValueError("export_tflite supports single-output models")
-    input_index = interpreter.get_input_details()[0]["index"]
-    output_index = interpreter.get_output_details()[0]["index"]
-    outputs, allocated = [], None
-    for start in range(0, len(x), BATCH):
-        batch = x[start: start + BATCH]
-        if batch.shape != allocated:
-            interpreter.resize_tensor_input(input_index, batch.shape)
-            interpreter.allocate_tensors()
-            allocated = batch.shape
-        interpreter.set_tensor(input_index, batch)
-        interpreter.invoke()
-        outputs.append(interpreter.get_tensor(output_index))
-    return np.concatenate(outputs)
+    """Outputs of the ``.tflite`` at ``path`` on inputs ``x`` (:func:`tflite_run.run_tflite`), run in a child
+    process so that a delegate that crashes fails the check instead of killing the caller.
+
+    Raises:
+        ValueError: the model has several outputs.
+        RuntimeError: the interpreter raised, or its process died (the message says by which signal).
+    """
+    with tempfile.TemporaryDirectory(prefix="tfw_tflite_") as folder:
+        inputs, outputs = os.path.join(folder, "inputs.npy"), os.path.join(folder, "outputs.npy")
+        np.save(inputs, np.ascontiguousarray(x, np.float32))
+        child = subprocess.run([*CHILD, path, inputs, outputs, "auto" if default_delegates else "builtin"],
+                               capture_output=True, text=True)
+        if child.returncode == 0:
+            return np.load(outputs)
+    message = child.stderr.strip()
+    if child.returncode == tflite_run.EXIT_OUTPUTS:
+        raise ValueError(message)
+    if child.returncode < 0:
+        raise RuntimeError(f"crashed the interpreter process ({signal.Signals(-child.returncode).name})")
+    if child.returncode == tflite_run.EXIT_RAISED:
+        raise RuntimeError(message)
+    raise RuntimeError(f"the interpreter process exited with code {child.returncode}: {message[-2000:]}")
 
 
 def _verify(path, x, reference, default_delegates, atol, rtol, min_argmax_agreement):

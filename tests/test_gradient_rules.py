@@ -78,6 +78,28 @@ def all_rules(coverage):
     return all(c is not None for c in coverage)
 
 
+def _grouped_convolutions_run():
+    """Whether TensorFlow runs a Keras grouped convolution (groups > 1) here at all: without oneDNN (x86 CPUs
+    without AVX-512, where TF 2.21 leaves it off), Grappler fuses the convolution with its bias in a graph and
+    the fused CPU kernel refuses groups, even in the forward pass."""
+
+    @tf.function
+    def forward(x, kernel, bias):
+        return tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "VALID"), bias)
+
+    try:
+        forward(tf.ones([1, 3, 3, 4]), tf.ones([1, 1, 2, 4]), tf.zeros([4]))  # 2 groups of 2 input channels
+        return True
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
+        return False
+
+
+needs_grouped_convolutions = pytest.mark.skipif(
+    not _grouped_convolutions_run(),
+    reason="TensorFlow cannot run Keras grouped convolutions in a graph on this CPU (oneDNN off: 'Fused conv "
+           "implementation does not support grouped convolutions'), not even forward")
+
+
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_dense_mlp_and_rank3_dense(group_size):
     image = keras.Input((6,))
@@ -107,16 +129,36 @@ def test_conv_variants(group_size, grouped, monkeypatch):
     vol = keras.Input((5, 6, 4, 2))
     outs = [
         keras.layers.Conv1D(3, 3, padding="causal", dilation_rate=2)(seq),
-        keras.layers.Conv1D(4, 2, strides=3, padding="same", groups=2)(seq),
         keras.layers.Conv1D(3, 4, padding="valid", use_bias=False)(seq),
         keras.layers.Conv2D(5, 3, padding="same", activation="relu")(img),
         keras.layers.Conv2D(3, (2, 3), strides=(2, 1), padding="valid")(img),
         keras.layers.Conv2D(3, 3, strides=2, padding="same")(img),
-        keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same", groups=2)(img),
         keras.layers.Conv2D(20, 4, padding="valid")(img),  # 4·4·4 > im2col depth: per-offset matmuls
         keras.layers.Conv3D(2, (2, 3, 2), strides=(1, 2, 1), padding="same")(vol),
     ]
     model = keras.Model([seq, img, vol], head(keras.layers.Concatenate()([keras.layers.Flatten()(o) for o in outs])))
+    x, y = data(model, 3, group_size)
+    assert all_rules(check(model, x, y))
+
+
+@needs_grouped_convolutions
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-op", "per-offset-or-looped"])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_grouped_convolution_layers(group_size, grouped, monkeypatch):
+    """Layers with groups > 1 (channel groups): strided, dilated and 1×1, on both kernel-gradient paths."""
+    from tf_woodfisher.fisher import rules
+
+    if grouped and not rules._grouped_conv_supported():
+        pytest.skip("no grouped convolution kernel gradient in this TensorFlow build")
+    monkeypatch.setattr(rules, "_GROUPED_SUPPORT", [grouped])
+    seq = keras.Input((11, 4))
+    img = keras.Input((9, 8, 4))
+    outs = [
+        keras.layers.Conv1D(4, 2, strides=3, padding="same", groups=2)(seq),
+        keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same", groups=2)(img),
+        keras.layers.Conv2D(4, 1, groups=2)(img),  # a grouped 1×1 takes the convolution path, not the matmul
+    ]
+    model = keras.Model([seq, img], head(keras.layers.Concatenate()([keras.layers.Flatten()(o) for o in outs])))
     x, y = data(model, 3, group_size)
     assert all_rules(check(model, x, y))
 
@@ -155,14 +197,13 @@ def test_non_overlapping_windows_use_the_patch_matmul(group_size, monkeypatch):
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_pointwise_convs(group_size):
     """1×1 convolutions (a Dense over the strided positions: one batched matmul), 'same' and 'valid', strided
-    on odd sizes; a grouped 1×1 takes the convolution path."""
+    on odd sizes (the grouped 1×1 is in test_grouped_convolution_layers)."""
     seq = keras.Input((9, 4))
     img = keras.Input((9, 7, 4))
     outs = [
         keras.layers.Conv2D(3, 1)(img),
         keras.layers.Conv2D(3, 1, strides=2, padding="same", use_bias=False)(img),
         keras.layers.Conv2D(2, 1, strides=(2, 3), padding="valid", activation="relu")(img),
-        keras.layers.Conv2D(4, 1, groups=2)(img),
         keras.layers.Conv1D(3, 1, strides=2, padding="same")(seq),
         keras.layers.Conv1D(2, 1, padding="causal")(seq),
     ]

@@ -54,6 +54,13 @@ def _tape_rows(model, groups, loss_of):
     return np.stack(rows)
 
 
+def assert_rows_close(got, reference):
+    """Equal to float32 precision: entries that cancel to ~0 carry noise of the row's scale (which differs
+    between TensorFlow's oneDNN and Eigen CPU kernels), so atol is relative to each row's largest entry."""
+    atol = 5e-6 * np.abs(reference).max(axis=1, keepdims=True)
+    np.testing.assert_array_less(np.abs(got - reference), atol + 1e-5 * np.abs(reference) + 1e-12)
+
+
 # ------------------------------------------------------------------------------------------ sample weights
 
 def test_sample_weights_give_each_group_its_weighted_mean_loss():
@@ -63,7 +70,7 @@ def test_sample_weights_give_each_group_its_weighted_mean_loss():
     got = _rows(model, weighted, SCCE, 12, fisher_batch_size=2)
     groups = [np.arange(2 * i, 2 * i + 2) for i in range(12)]
     reference = _tape_rows(model, groups, lambda i, p: tf.reduce_mean(W[i] * per_sample(Y[i], p)))
-    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-7)
+    assert_rows_close(got, reference)
     unweighted = _rows(model, tf.data.Dataset.from_tensor_slices((X, Y)), SCCE, 12, fisher_batch_size=2)
     assert np.abs(unweighted - got).max() > 0.1 * np.abs(got).max()  # the weights are not dropped
 
@@ -117,7 +124,7 @@ def test_per_timestep_sample_weights_match_keras():
             loss = model.compute_loss(x[i:i + 1], tf.constant(y[i:i + 1]), model(x[i:i + 1], training=False),
                                       tf.constant(w[i:i + 1]))
         reference.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, variables)]))
-    np.testing.assert_allclose(got, np.stack(reference), rtol=1e-5, atol=1e-7)
+    assert_rows_close(got, np.stack(reference))
 
 
 # ------------------------------------------------------------------------------------------ multi-output
@@ -143,7 +150,7 @@ def test_multi_output_losses_and_weights_match_keras_compute_loss(structure):
         with tf.GradientTape() as tape:
             loss = model.compute_loss(X[i:i + 1], target, model(X[i:i + 1], training=False), tf.constant(W[i:i + 1]))
         reference.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, variables)]))
-    np.testing.assert_allclose(got, np.stack(reference), rtol=1e-5, atol=1e-7)
+    assert_rows_close(got, np.stack(reference))
 
 
 @pytest.mark.slow

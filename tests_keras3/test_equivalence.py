@@ -41,7 +41,9 @@ def test_same_mlpnet_same_config_same_masks_and_weights_through_both_paths(tmp_p
 def test_mirrored_strategy_equals_one_device_for_one_shot_and_gradual(tmp_path, mnist_dir, mlpnet_npz):
     summary, arrays = run("mirrored", tmp_path / "mirrored.npz", mnist_dir, mlpnet_npz)
     assert summary["replicas"] == 2
-    for kind, atol in (("one_shot", 1e-6), ("gradual", 1e-5), ("mask", 0)):
+    # Replicas sum the gradients in another order; F⁻¹ (λ = 1e-5) amplifies that float32 noise to about 1e-5 of
+    # the weights' scale on CPUs without oneDNN (1e-6 with it). Dropped or doubled samples would move them by 1e-2.
+    for kind, atol in (("one_shot", 3e-5), ("gradual", 3e-5), ("mask", 0)):
         for i in range(3):
             single, mirrored = arrays[f"{kind}_single_{i}"], arrays[f"{kind}_mirrored_{i}"]
             np.testing.assert_array_equal(single == 0, mirrored == 0)

@@ -313,6 +313,35 @@ def test_bad_input(data, fisher):
         bad.fit(x[:128], y[:128], batch_size=64, callbacks=[tfw.UpdatePruningStep(fisher, LOSS)], verbose=0)
 
 
+class EveryThirdLate(sparsity_api.PruningSchedule):
+    """A user's schedule with Python control flow on the step (autograph turns it into a tf.cond)."""
+
+    def __call__(self, step):
+        if step % 3 == 0 and step > 300:
+            return tf.constant(True), tf.cast(step, tf.float32) / 1e4
+        return tf.constant(False), tf.constant(0.0)
+
+    def get_config(self):
+        return {}
+
+
+def test_schedule_decisions_read_per_batch_equal_the_schedule_called_at_each_step():
+    from tf_woodfisher.keras_common import ScheduleDecisions
+
+    decisions = ScheduleDecisions()
+    # Steps across window boundaries (256, then 512 more), a jump ahead, and back (the resynchronisation).
+    steps = [*range(0, 800), *range(5000, 5010), 3, 299, 301]
+    for schedule in (sparsity_api.PolynomialDecay(0.2, 0.7, begin_step=0, end_step=600, frequency=10),
+                     sparsity_api.ConstantSparsity(0.5, begin_step=5, end_step=700, frequency=7),
+                     tfw.GradualSchedule(0.0, 0.9, begin_step=40, end_step=440, frequency=40),
+                     tfw.OneShotSchedule(0.8, step=7), tfw.KeepMasks(), EveryThirdLate()):
+        for step in steps:
+            should_prune, sparsity = schedule(tf.constant(step, tf.int64))
+            read = decisions.at(schedule, step)
+            assert read[0] is bool(should_prune), (schedule, step)
+            assert read[1] == pytest.approx(float(sparsity), rel=1e-5), (schedule, step)  # graph vs eager: a few ulps
+
+
 def test_gradual_schedule_that_would_miss_its_target_is_refused():
     with pytest.raises(ValueError, match=r"not a multiple of frequency=40.*use end_step=120"):
         tfw.GradualSchedule(0.0, 0.9, begin_step=0, end_step=150, frequency=40)

@@ -25,7 +25,6 @@ Outputs under --out (default benchmarks/results): cifar10_oneshot.csv (one row p
 sparsity, with the per-layer sparsities as JSON), cifar10_oneshot.md and cifar10_oneshot_<protocol>.png.
 """
 import argparse
-import csv
 import json
 import os
 import time
@@ -159,13 +158,9 @@ def run(cifar, protocol, name, seed, magnitude_right):
 # ----------------------------------------------------------------------------------------------- tables
 
 def read_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return [dict(r, seed=int(r["seed"]), sparsity=float(r["sparsity"]), correct=int(r["correct"]),
-                     **{k: float(r[k]) for k in ("achieved_sparsity", "accuracy", "diff_vs_magnitude", "paired_se",
-                                                 "run_seconds", "sweep_seconds", "peak_rss_gb")})
-                for r in csv.DictReader(f)]
+    return common.read_csv(path, seed=int, sparsity=float, correct=int, **dict.fromkeys(
+        ("achieved_sparsity", "accuracy", "diff_vs_magnitude", "paired_se", "run_seconds", "sweep_seconds",
+         "peak_rss_gb"), float))
 
 
 def summarise(rows, protocol, name):

@@ -197,6 +197,15 @@ def markdown_table(header, rows, align=None):
     return "\n".join(lines)
 
 
+def read_csv(path, **types):
+    """The rows (dicts) of the csv at ``path``, the columns named in ``types`` converted by them
+    (``seed=int``); [] when there is no such file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [dict(r, **{k: convert(r[k]) for k, convert in types.items()}) for r in csv.DictReader(f)]
+
+
 def write_csv(path, rows, fields=None, float_format=None, append=False):
     """Write the dicts ``rows`` to ``path`` (columns: ``fields``, default the keys of the first row; other
     keys are left out). float_format: a format spec for floats ('.6g'), None to write them as they are.

@@ -10,7 +10,6 @@ input, the optimizer, the Fisher data and the test set. Import it after ``common
 tf_woodfisher before TensorFlow); the examples put this folder on ``sys.path``.
 """
 import argparse
-import csv
 import dataclasses
 import pathlib
 import time
@@ -269,11 +268,10 @@ def run_all(args, setup, previous=None):
 
 def read_rows(path):
     """{(method, target, seed): row} of a csv written by :func:`write_outputs` ({} when there is none)."""
-    if not path.exists():
+    rows = [{k: v if k == "method" else int(v) if k in ("seed", "pruning_events") else float(v)
+             for k, v in row.items()} for row in common.read_csv(path)]
+    if not rows:
         return {}
-    with open(path, newline="") as f:
-        rows = [{k: v if k == "method" else int(v) if k in ("seed", "pruning_events") else float(v)
-                 for k, v in row.items()} for row in csv.DictReader(f)]
     print(f"resume: {len(rows)} runs in {path}", flush=True)
     return {(row["method"], row["target_sparsity"], row["seed"]): row for row in rows}
 

@@ -15,7 +15,6 @@ and oneshot_mnist_<model>_layers.png (per-layer sparsity of the best WoodFisher 
 """
 import argparse
 import collections
-import csv
 import json
 import os
 import time
@@ -128,12 +127,8 @@ FIELDS = ["model", "method", "target", "seed", "sparsity", "accuracy", "seconds"
 
 
 def read_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return [dict(r, target=float(r["target"]), seed=int(r["seed"]), sparsity=float(r["sparsity"]),
-                     accuracy=float(r["accuracy"]), seconds=float(r["seconds"]), layers=json.loads(r["layers"]))
-                for r in csv.DictReader(f)]
+    return common.read_csv(path, target=float, seed=int, sparsity=float, accuracy=float, seconds=float,
+                           layers=json.loads)
 
 
 def append_row(path, row):

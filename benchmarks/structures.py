@@ -18,7 +18,6 @@ Outputs under --out (default benchmarks/results): structures.csv / structures.md
 structures_export.csv (the export table, also in structures.md).
 """
 import argparse
-import csv
 import os
 import tempfile
 import time
@@ -76,14 +75,6 @@ def structured_layers(model, structure):
         else:
             every = False
     return None if every else fitting
-
-
-def read_csv(path, **types):
-    """The rows of a csv written by this script, the columns named in ``types`` converted ([] when absent)."""
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return [dict(r, **{k: convert(r[k]) for k, convert in types.items()}) for r in csv.DictReader(f)]
 
 
 def run(args):
@@ -196,12 +187,15 @@ def main(argv=None):
     common.quiet_tensorflow()
     started = time.perf_counter()
     runs_csv, export_csv = (os.path.join(args.out, f"structures_{n}.csv") for n in ("runs", "export"))
-    kept = [r for r in read_csv(runs_csv, seed=int, sparsity=float, accuracy=float, dense=float, seconds=float)
+    kept = [r for r in common.read_csv(runs_csv, seed=int, sparsity=float, accuracy=float, dense=float, seconds=float)
             if r["model"] not in args.models] if args.reuse else []
     rows = kept + run(args)
     common.write_csv(runs_csv, rows)
-    export_rows = (read_csv(export_csv, sparsity=float, keras_accuracy=float, dense_bytes=int, bytes=int, ratio=float,
-                            agreement=float) if args.reuse else []) if args.no_export else exports(args)
+    if args.no_export:
+        export_rows = common.read_csv(export_csv, sparsity=float, keras_accuracy=float, dense_bytes=int, bytes=int,
+                                      ratio=float, agreement=float) if args.reuse else []
+    else:
+        export_rows = exports(args)
     notes = NOTES
     if kept:
         notes += (f"\n\nWith --reuse: the rows of {sorted({r['model'] for r in kept})} come from the runs already in "

@@ -77,7 +77,7 @@ class PruningCallback(PruningEvents, keras.callbacks.Callback):
         self._variables = keras_variables(model.model, targets)
         problem = keras3_problem(model.model, targets, self.fisher_dataset, loss, config)
         self.pruner = Pruner(problem, config, model.distribute_strategy)
-        self.schedule = model.schedule
+        self._set_schedule(model.schedule)
         self._step = int(model.pruning_step.numpy())  # one read; then counted here, one per batch
         if self.log_dir:
             self._writer = tf.summary.create_file_writer(self.log_dir)

@@ -101,7 +101,7 @@ class UpdatePruningStep(PruningEvents, tfmot.sparsity.keras.UpdatePruningStep):
                                 batched=self.batched)
         self.pruner = Pruner(problem, config, self.model.distribute_strategy)
         self._wrappers = wrappers
-        self.schedule = event_schedule(wrappers[0].pruning_schedule, config.sparsity_m_by_n, warn=True)
+        self._set_schedule(event_schedule(wrappers[0].pruning_schedule, config.sparsity_m_by_n, warn=True))
         self._step = int(wrappers[0].pruning_step.numpy())  # one read; then counted here, one per batch
         if self.log_dir:
             self._writer = tf.summary.create_file_writer(self.log_dir)

@@ -328,16 +328,16 @@ class EveryThirdLate(sparsity_api.PruningSchedule):
 def test_schedule_decisions_read_per_batch_equal_the_schedule_called_at_each_step():
     from tf_woodfisher.keras_common import ScheduleDecisions
 
-    decisions = ScheduleDecisions()
     # Steps across window boundaries (256, then 512 more: 768), a jump ahead, and back (the resynchronisation).
     steps = [*range(0, 300), *range(740, 800), *range(5000, 5010), 3, 299, 301]
     for schedule in (sparsity_api.PolynomialDecay(0.2, 0.7, begin_step=0, end_step=600, frequency=10),
                      sparsity_api.ConstantSparsity(0.5, begin_step=5, end_step=700, frequency=7),
                      tfw.GradualSchedule(0.0, 0.9, begin_step=40, end_step=440, frequency=40),
                      tfw.OneShotSchedule(0.8, step=7), tfw.KeepMasks(), EveryThirdLate()):
+        decisions = ScheduleDecisions(schedule)
         for step in steps:
             should_prune, sparsity = schedule(tf.constant(step, tf.int64))
-            read = decisions.at(schedule, step)
+            read = decisions.at(step)
             assert read[0] is bool(should_prune), (schedule, step)
             assert read[1] == pytest.approx(float(sparsity), rel=1e-5), (schedule, step)  # graph vs eager: a few ulps
 

@@ -574,24 +574,20 @@ class ScheduleDecisions:
 
     FIRST_WINDOW, LARGEST_WINDOW = 256, 4096
 
-    def __init__(self):
-        self._schedule = self._function = None
+    def __init__(self, schedule):
+        def decision(step):
+            should_prune, sparsity = schedule(step)
+            return tf.cast(should_prune, tf.bool), tf.cast(sparsity, tf.float32)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
+        def decisions(steps):
+            return tf.map_fn(decision, steps, fn_output_signature=(tf.bool, tf.float32))
+
+        self._function = decisions
         self._start, self._prune, self._sparsity = 0, np.zeros(0, bool), np.zeros(0, np.float32)
 
-    def at(self, schedule, step: int) -> tuple:
-        """``(should_prune: bool, sparsity: float)`` of ``schedule`` at training ``step``."""
-        if schedule is not self._schedule:
-            self._schedule, self._prune = schedule, np.zeros(0, bool)
-
-            def decision(step):
-                should_prune, sparsity = schedule(step)
-                return tf.cast(should_prune, tf.bool), tf.cast(sparsity, tf.float32)
-
-            @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
-            def decisions(steps):
-                return tf.map_fn(decision, steps, fn_output_signature=(tf.bool, tf.float32))
-
-            self._function = decisions
+    def at(self, step: int) -> tuple:
+        """``(should_prune: bool, sparsity: float)`` of the schedule at training ``step``."""
         index = step - self._start
         if not 0 <= index < len(self._prune):
             size = min(max(2 * len(self._prune), self.FIRST_WINDOW), self.LARGEST_WINDOW)
@@ -645,14 +641,14 @@ class PruningEvents:
         """Count one training batch; at a pruning step of ``self.schedule``, resynchronise the count with
         ``read_step()`` (the model's step variable, read once per event) and run the event."""
         self._step += 1  # the step this batch's forward pass will see
-        should_prune, sparsity = self._decisions.at(self.schedule, self._step)
+        should_prune, sparsity = self._decisions.at(self._step)
         if should_prune:
             self._step = read_step() + 1  # resynchronise at each event
             self.prune(self._step, sparsity)
 
     def _set_schedule(self, schedule) -> None:
         """Use ``schedule`` from now on (at each ``on_train_begin``: its decisions are computed anew per fit)."""
-        self.schedule, self._decisions = schedule, ScheduleDecisions()
+        self.schedule, self._decisions = schedule, ScheduleDecisions(schedule)
 
     def _mark_epoch(self) -> None:
         self._events_at_epoch_begin = len(self.events)

@@ -17,10 +17,10 @@ demo: $(VENV)/installed  ## the main job: one-shot WoodFisher vs magnitude on th
 	$(VENV)/bin/python examples/oneshot_mnist.py
 
 test: $(VENV)/installed  ## the test suite (the README's test command); Keras 3 tests in their own process
-	$(VENV)/bin/python -m pytest -q tests && $(VENV)/bin/python -m pytest -q tests_keras3
+	$(VENV)/bin/python -m pytest -q -n 2 tests && $(VENV)/bin/python -m pytest -q -n 2 tests_keras3
 
 test-fast: $(VENV)/installed  ## the fast tier: no data, numerical core against NumPy references
-	$(VENV)/bin/python -m pytest -q -m "not slow" tests && $(VENV)/bin/python -m pytest -q -m "not slow" tests_keras3
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests && $(VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests_keras3
 
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff check .

@@ -47,6 +47,8 @@ def model_args(key, args):
         setattr(settings, name, value)
     if args.num_gradients:
         settings.num_gradients = args.num_gradients
+    if args.fisher_block_size:
+        settings.fisher_block_size = args.fisher_block_size
     return settings
 
 
@@ -172,8 +174,9 @@ EXPORT_FIELDS = ["model", "what", "method", "seed", "sparsity", "keras_accuracy"
 
 
 def notes(args):
-    fisher = "; ".join(f"{k}: {dict(v, num_gradients=args.num_gradients) if args.num_gradients else v}"
-                       for k, v in FISHER.items() if k in args.models)
+    overrides = {name: value for name, value in (("num_gradients", args.num_gradients),
+                                                 ("fisher_block_size", args.fisher_block_size)) if value}
+    fisher = "; ".join(f"{k}: {dict(v, **overrides)}" for k, v in FISHER.items() if k in args.models)
     return (f"Top-1 accuracy on the official 10k MNIST test set after gradual pruning in `model.fit` (5k training "
             f"subset), mean ± sd over seeds {args.seeds}. Both methods: the same pattern on the same layers, "
             f"{args.epochs} epochs, Adam lr 5e-4, batch 64, the cubic ramp over the first half with an event every "
@@ -195,6 +198,8 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=6, help="epochs of each gradual run")
     parser.add_argument("--num-gradients", type=int, help="Fisher gradients per event, for every model (default: "
                                                          "each model's own, in FISHER)")
+    parser.add_argument("--fisher-block-size", type=int, help="Fisher block size, for every model (default: each "
+                                                              "model's own, in FISHER)")
     parser.add_argument("--parts", nargs="+", choices=["gradual", "export90"], default=["gradual", "export90"])
     parser.add_argument("--no-export", action="store_true", help="no .tflite of the structured models")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="output folder (default benchmarks/results)")

@@ -1,4 +1,7 @@
-"""Shared fixtures. Data comes from ../shared (or $TFW_MNIST_DIR / $TFW_MLPNET_NPZ); missing data fails, never skips."""
+"""Shared fixtures. Data comes from ../shared (or $TFW_MNIST_DIR / $TFW_MLPNET_NPZ); missing data fails, never skips.
+
+Nothing here imports TensorFlow: under pytest-xdist (`-n 2`) the controlling process, which loads this file but runs
+no test, then starts in a second instead of the ten TensorFlow and tfmot take."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -6,7 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-import tf_woodfisher as tfw  # noqa: E402
+import tf_woodfisher.legacy_keras  # noqa: E402, F401  (TF_USE_LEGACY_KERAS=1 before any test module imports TensorFlow)
 
 import shared_data  # noqa: E402  (the data paths and their fixtures, shared with tests_keras3)
 
@@ -18,13 +21,15 @@ mnist_flat = shared_data.mnist_flat
 
 def pytest_collection_modifyitems(config, items):
     shared_data.mark_data_tests_slow(items)
+    shared_data.freeze_imported_objects()
 
 
 @pytest.fixture(scope="session")
 def mnist_images(mnist_dir):
     """The same as mnist_flat with images shaped (28, 28, 1)."""
-    return (tfw.data.load_mnist("train", mnist_dir, shuffle_seed=0),
-            tfw.data.load_mnist("test", mnist_dir))
+    from tf_woodfisher.data import load_mnist
+
+    return load_mnist("train", mnist_dir, shuffle_seed=0), load_mnist("test", mnist_dir)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Where the test data is, for both test trees (tests/ and tests_keras3/): ../shared next to the repository, or
 $TFW_MNIST_DIR, $TFW_MLPNET_NPZ, $TFW_CIFAR10_DIR, $TFW_RESNET20_NPZ. Missing data fails, never skips. Imports
 neither Keras (tests_keras3 runs in a Keras 3 process, tests in a tf_keras one)."""
+import gc
 import os
 import pathlib
 
@@ -24,6 +25,13 @@ def mark_data_tests_slow(items):
     for item in items:
         if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def freeze_imported_objects():
+    """Exclude everything alive after collection (TensorFlow, Keras and the test modules: millions of objects)
+    from Python's cyclic garbage collector, whose full passes otherwise rescan them while tests trace graphs."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")

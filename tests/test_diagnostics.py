@@ -71,8 +71,10 @@ def block_numbers(sizes, block_size):
 
 @pytest.mark.parametrize("method,block_size", [pytest.param("woodfisher", None, marks=pytest.mark.slow),
                                                pytest.param("woodfisher", "model", marks=pytest.mark.slow),
-                                               ("woodfisher", 7),
-                                               ("woodtaylor", 7), ("diagonal_fisher", None), ("magnitude", 7)])
+                                               pytest.param("woodfisher", 7, marks=pytest.mark.slow),
+                                               pytest.param("woodtaylor", 7, marks=pytest.mark.slow),
+                                               pytest.param("diagonal_fisher", None, marks=pytest.mark.slow),
+                                               ("magnitude", 7)])
 def test_predicted_increase_equals_numpy_with_a_dense_fisher(method, block_size):
     model, x, y, data = tiny_problem(1)
     before = [k.numpy().ravel().astype(np.float64) for k in kernels(model)]
@@ -102,6 +104,7 @@ def test_predicted_increase_equals_numpy_with_a_dense_fisher(method, block_size)
     assert "loss on the Fisher samples: predicted" in str(report)
 
 
+@pytest.mark.slow
 def test_fisher_samples_are_those_of_the_gradients_with_batches_and_a_subset():
     """num_gradients × fisher_batch_size < the dataset: the loss is measured on the samples the gradients used
     (the same shuffle), so the prediction from those gradients is exact in NumPy."""
@@ -156,6 +159,7 @@ def test_multi_step_sums_and_off_by_default():
     assert "measured_loss_increase" not in report.as_dict() and "loss on the Fisher" not in str(report)
 
 
+@pytest.mark.slow
 def test_sweep_points_get_their_own_diagnostics():
     model, x, y, data = tiny_problem(5)
     points = tfw.one_shot_sweep(model, data, LOSS, [0.2, 0.5], lambda m: mean_loss(m, x, y), num_gradients=SAMPLES,

@@ -212,7 +212,7 @@ def test_pointwise_convs(group_size):
     assert all_rules(check(model, x, y))
 
 
-@pytest.mark.parametrize("group_size", [1, 2])
+@pytest.mark.parametrize("group_size", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_transposed_convs(group_size):
     seq = keras.Input((5, 3))
     img = keras.Input((4, 3, 2))
@@ -230,7 +230,7 @@ def test_transposed_convs(group_size):
     assert all_rules(check(model, x, y))
 
 
-@pytest.mark.parametrize("group_size", [1, 2])
+@pytest.mark.parametrize("group_size", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_depthwise_and_separable(group_size):
     seq = keras.Input((10, 3))
     img = keras.Input((9, 9, 3))
@@ -265,7 +265,8 @@ def test_embedding_and_einsum_dense(group_size):
     assert all_rules(check(model, x, y))
 
 
-@pytest.mark.parametrize("implementation", [1, 2, 3])
+@pytest.mark.parametrize("implementation", [pytest.param(1, marks=pytest.mark.slow), 2,
+                                            pytest.param(3, marks=pytest.mark.slow)])
 def test_locally_connected(implementation):
     seq = keras.Input((7, 2))
     img = keras.Input((5, 4, 2))
@@ -327,6 +328,7 @@ def test_mixed_rules_and_fallbacks_with_batch_norm():
     assert rule_coverage(model, variables) == ["conv.kernel", None, None, "dense.bias"]
 
 
+@pytest.mark.slow
 def test_batch_statistics_couple_samples_so_everything_falls_back():
     img = keras.Input((6, 6, 2))
     h = keras.layers.Conv2D(3, 3, name="conv_a")(img)
@@ -338,6 +340,7 @@ def test_batch_statistics_couple_samples_so_everything_falls_back():
     assert rule_coverage(model, model.trainable_variables, x[0]) == [None] * len(coverage)
 
 
+@pytest.mark.slow
 def test_channels_first_and_dynamic_shapes_fall_back():
     seq = keras.Input((None, 3))  # variable length
     c = keras.layers.Conv1D(2, 3, padding="same", name="dyn_conv")(seq)
@@ -361,6 +364,7 @@ def test_channels_first_and_dynamic_shapes_fall_back():
     assert rule_coverage(model, variables) == ["conv.kernel", "dense.kernel", None]
 
 
+@pytest.mark.slow
 def test_tied_and_shared_weights():
     tokens = keras.Input((5,), dtype="int32")
     embedding = keras.layers.Embedding(9, 4, name="tied_embedding")
@@ -411,6 +415,7 @@ def test_patches_restored_on_error_and_one_trace_for_any_group_count():
     assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_scalar_loss_uses_fallback():
     image = keras.Input((4,))
     model = keras.Model(image, head(keras.layers.Dense(3)(image)))

@@ -145,6 +145,7 @@ def test_nan_gradients_and_mismatched_loss(mlpnet_npz, mnist_flat):
         collect_gradients(model, variables, one_hot_mse, "mse", 8)
 
 
+@pytest.mark.slow
 def test_strided_dilated_and_padded_convolutions_match_loop(rng):
     """Per-sample Conv2D kernel gradients (batched patches × output gradients) against the loop."""
     image = keras.Input((9, 10, 3))

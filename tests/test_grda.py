@@ -32,8 +32,9 @@ def lr_values(kind, steps):
     return [float(schedule(k)) for k in range(steps)]
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-@pytest.mark.parametrize("lr_kind", ["constant", "schedule"])
+@pytest.mark.parametrize("lr_kind,momentum", [pytest.param("constant", 0.0, marks=pytest.mark.slow),
+                                              pytest.param("constant", 0.9, marks=pytest.mark.slow),
+                                              pytest.param("schedule", 0.0, marks=pytest.mark.slow), ("schedule", 0.9)])
 def test_matches_numpy_reference(rng, lr_kind, momentum):
     init, grad_fn, loss_fn = regression_problem(rng)
     names = ["dense/kernel", "dense/bias", "extra/kernel"]
@@ -94,6 +95,7 @@ def test_indexed_slices_match_dense_gradients(rng, momentum):
     assert np.all(np.abs(sparse[untouched]) < np.abs(table[untouched]))
 
 
+@pytest.mark.slow
 def test_xla_compiled_step_matches_eager(rng):
     init, _, loss_fn = regression_problem(rng)
     schedule = make_lr("schedule")
@@ -186,8 +188,8 @@ def _compile(model):
 
 
 @pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
-@pytest.mark.parametrize("fmt", ["keras", pytest.param("h5", marks=pytest.mark.slow),
-                                 pytest.param("checkpoint", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["keras", "h5", "checkpoint"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(rng, tmp_path, fmt):
     x = rng.standard_normal((80, 10)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)

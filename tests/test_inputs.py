@@ -63,6 +63,7 @@ def assert_rows_close(got, reference):
 
 # ------------------------------------------------------------------------------------------ sample weights
 
+@pytest.mark.slow
 def test_sample_weights_give_each_group_its_weighted_mean_loss():
     model = mlp()
     per_sample = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
@@ -75,6 +76,7 @@ def test_sample_weights_give_each_group_its_weighted_mean_loss():
     assert np.abs(unweighted - got).max() > 0.1 * np.abs(got).max()  # the weights are not dropped
 
 
+@pytest.mark.slow
 def test_zero_weights_give_zero_gradients_in_the_core_and_the_adapter():
     model = mlp()
     zero = tf.data.Dataset.from_tensor_slices((X, Y, np.zeros(24, "float32")))
@@ -94,6 +96,7 @@ def test_sample_weights_that_are_not_one_per_sample_are_refused_for_a_plain_loss
                                     lambda y, p: per_sample(y, p), 8, batched=False)
 
 
+@pytest.mark.slow
 def test_one_shot_with_all_zero_weights_is_magnitude_pruning():
     """F = λI when every gradient is zero: WoodFisher's scores and update are then magnitude pruning's."""
     zero = tf.data.Dataset.from_tensor_slices((X, Y, np.zeros(24, "float32")))
@@ -133,7 +136,7 @@ YC = RNG.integers(0, 3, 24)
 YR = RNG.normal(size=(24, 2)).astype("float32")
 
 
-@pytest.mark.parametrize("structure", ["dict", "list"])
+@pytest.mark.parametrize("structure", [pytest.param("dict", marks=pytest.mark.slow), "list"])
 def test_multi_output_losses_and_weights_match_keras_compute_loss(structure):
     model = two_outputs()
     if structure == "dict":
@@ -205,6 +208,7 @@ def mixed_float16():
     keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.mark.slow
 def test_float64_models_keep_their_precision(float64):
     model = keras.Sequential([keras.Input((5,)), L.Dense(6, activation="tanh"), L.Dense(3)])
     before = [w.numpy().copy() for w in model.trainable_weights]
@@ -268,7 +272,8 @@ def _subclassed(built_by):
     return model
 
 
-@pytest.mark.parametrize("kind", ["sequential", pytest.param("subclassed_called", marks=pytest.mark.slow),
+@pytest.mark.parametrize("kind", [pytest.param("sequential", marks=pytest.mark.slow),
+                                  pytest.param("subclassed_called", marks=pytest.mark.slow),
                                   pytest.param("subclassed_built", marks=pytest.mark.slow)])
 def test_batched_and_unbatched_data_are_told_apart_for_every_model_kind(kind):
     model = mlp() if kind == "sequential" else _subclassed(kind.split("_")[1].replace("called", "call"))
@@ -278,6 +283,7 @@ def test_batched_and_unbatched_data_are_told_apart_for_every_model_kind(kind):
         np.testing.assert_array_equal(_rows(model, data, SCCE, 12), reference)
 
 
+@pytest.mark.slow
 def test_batching_that_cannot_be_told_asks_for_batched():
     model = Subclassed()
     model.hidden.build((None, 5))  # built layer by layer: the model does not know its input rank

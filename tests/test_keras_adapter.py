@@ -325,6 +325,7 @@ class EveryThirdLate(sparsity_api.PruningSchedule):
         return {}
 
 
+@pytest.mark.slow
 def test_schedule_decisions_read_per_batch_equal_the_schedule_called_at_each_step():
     from tf_woodfisher.keras_common import ScheduleDecisions
 

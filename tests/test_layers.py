@@ -132,7 +132,7 @@ RNN_MODELS = {
 }
 
 
-FAST_RNN = {("simple_rnn", 3), ("custom_while_loop", 1)}  # the fast tier; the rest of the matrix is slow
+FAST_RNN = {("simple_rnn", 1)}  # the fast tier; the rest of the matrix is slow
 
 
 @pytest.mark.parametrize("kind,group_size", [

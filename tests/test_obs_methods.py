@@ -254,7 +254,8 @@ def test_sequential_obs_argument_errors():
 
 # ----------------------------------------------------------------------------------------------- SparseGPT
 
-@pytest.mark.parametrize("n_m,block", [(None, 8), (None, 64), ((2, 4), 8), ((1, 4), 12)])
+@pytest.mark.parametrize("n_m,block", [pytest.param(None, 8, marks=pytest.mark.slow), (None, 64), ((2, 4), 8),
+                                       ((1, 4), 12)])
 def test_sparsegpt_equals_numpy_transcription_of_the_reference(n_m, block):
     W, H, _ = layer_problem(9, rows=7, cols=40)
     result = obs.sparsegpt_prune(W, H, sparsity=None if n_m else 0.6, n_m=n_m, block_size=block, damping=0.01,
@@ -289,7 +290,7 @@ def test_sparsegpt_act_order_is_the_reference_sweep_of_the_permuted_layer(n_m):
         np.testing.assert_array_equal((result.mask.numpy() == 0).reshape(7, 10, 4).sum(axis=-1), 2)
 
 
-@pytest.mark.parametrize("n_m", [None, (2, 4)])
+@pytest.mark.parametrize("n_m", [pytest.param(None, marks=pytest.mark.slow), (2, 4)])
 def test_sparsegpt_refine_reaches_the_joint_obs_update_of_its_mask(n_m):
     """refine: CG on the kept weights with the sweep's mask fixed converges to w − H⁻¹E_Q[(H⁻¹)_QQ]⁻¹w_Q per
     row (NumPy, explicit inverse), and never raises a row's loss; the mask is the sweep's."""
@@ -572,6 +573,7 @@ def calibration(samples=300, seed=0):
     return x, tf.data.Dataset.from_tensor_slices((x, np.zeros(samples, np.int64)))
 
 
+@pytest.mark.slow
 def test_one_shot_obc_layerwise_equals_the_core_on_the_first_layer_and_ignores_labels():
     x, with_labels = calibration()
     model, twin, reference = mlp(), mlp(), mlp()
@@ -596,6 +598,7 @@ def test_one_shot_obc_layerwise_equals_the_core_on_the_first_layer_and_ignores_l
     assert report.stats.calibration_seconds > 0 and "rel. error" in str(report)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["obc", "sparsegpt"])
 def test_one_shot_global_beats_magnitude_and_dense_target_beats_inputs_target(method):
     x, data = calibration(400)
@@ -635,6 +638,7 @@ def test_n_m_follows_tfmots_convention_also_for_short_groups():
     np.testing.assert_array_equal((dense.numpy() == 0).T.reshape(5, -1, 4).sum(axis=-1), 2)
 
 
+@pytest.mark.slow
 def test_layerwise_bad_input_is_named():
     _, data = calibration()
     with pytest.raises(ValueError, match="fixes the sparsity at 0.5"):
@@ -773,6 +777,7 @@ def test_one_shot_sequential_woodfisher_runs_and_composes_with_steps():
     assert not np.allclose(results[False], results[True])
 
 
+@pytest.mark.slow
 def test_layerwise_seed_is_not_silently_ignored():
     """obc/sparsegpt calibrate on the dataset's first inputs: a seed draws nothing, and says so."""
     _, data = calibration()

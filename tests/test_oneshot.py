@@ -164,8 +164,10 @@ def numpy_one_shot(kernels, grads, method, block, sparsity, damping):
     return np.where(pruned, 0.0, w), pruned
 
 
-@pytest.mark.parametrize("method,block", [("woodfisher", None), ("woodfisher", "model"), ("woodfisher", 7),
-                                          ("diagonal_fisher", None)])
+@pytest.mark.parametrize("method,block", [pytest.param("woodfisher", None, marks=pytest.mark.slow),
+                                          pytest.param("woodfisher", "model", marks=pytest.mark.slow),
+                                          ("woodfisher", 7),
+                                          pytest.param("diagonal_fisher", None, marks=pytest.mark.slow)])
 def test_one_shot_event_equals_numpy_obs_on_a_small_model(rng, method, block):
     """Gradients (a plain per-sample loop), scores, the global selection and the OBS update against NumPy."""
     keras.utils.set_random_seed(1)
@@ -277,6 +279,7 @@ def test_models_that_cannot_be_pruned():
         tfw.one_shot_prune(wrapped, data, LOSS, 0.5, num_gradients=4, verbose=0)
 
 
+@pytest.mark.slow
 def test_subclassed_model_prunes_when_built(rng):
     class Net(keras.Model):
         def __init__(self):

@@ -368,6 +368,7 @@ def test_block_masks_are_constant_on_blocks_and_n_m_exact_for_every_method(metho
                 assert np.sum(kernel.ravel()[q] == 0) == max(0, len(q) - 2)
 
 
+@pytest.mark.slow
 def test_multi_step_n_m_reaches_the_pattern_and_keeps_earlier_zeros():
     model, (x, y) = small_model(seed=2), small_data(seed=2)
     data = tf.data.Dataset.from_tensor_slices((x, y))

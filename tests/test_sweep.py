@@ -36,7 +36,7 @@ SLOW = pytest.mark.slow  # the full suite runs every case; the fast tier a repre
 
 
 @pytest.mark.parametrize("settings", [
-    dict(method="woodfisher", fisher_block_size=None),
+    pytest.param(dict(method="woodfisher", fisher_block_size=None), marks=SLOW),
     pytest.param(dict(method="woodfisher", fisher_block_size=7, mode="layerwise"), marks=SLOW),
     pytest.param(dict(method="woodtaylor", fisher_block_size=16), marks=SLOW),
     pytest.param(dict(method="diagonal_fisher"), marks=SLOW),
@@ -90,6 +90,7 @@ def test_statistics_are_computed_once_when_shareable(data, monkeypatch):
     assert len(calls) == 2 * len(SPARSITIES)
 
 
+@pytest.mark.slow
 def test_wrapped_model_masks_are_restored_and_set_at_each_point(data):
     x, y, dataset = data
     model = tfmot.sparsity.keras.prune_low_magnitude(small_model())

@@ -49,6 +49,7 @@ def test_executor_of_a_one_replica_strategy_enters_its_replica_context():
     assert float(executor.run(grad)) == 4.0
 
 
+@pytest.mark.slow
 def test_wrapped_layers_inside_a_model_or_list_are_reused():
     inner = tfw.prune_woodfisher(L.Dense(4), tfw.OneShotSchedule(0.5))
     model = keras.Sequential([keras.Input((10,)), L.Dense(4), inner])

@@ -1,5 +1,5 @@
 """Fixtures of the Keras 3 tests. They run in their own pytest process (``pytest tests_keras3``): tests/conftest.py
-imports tf_woodfisher, which switches its process to tf_keras; this one imports only ``tf_woodfisher.keras3``, so
+switches its process to tf_keras; the test modules here import only ``tf_woodfisher.keras3`` and Keras 3, so
 ``keras`` and ``tf.keras`` are Keras 3 here. Data comes from ../shared (or $TFW_MNIST_DIR / $TFW_MLPNET_NPZ);
 missing data fails, never skips."""
 import os
@@ -14,16 +14,20 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import shared_data  # noqa: E402
-import tf_woodfisher.keras3 as tfw3  # noqa: E402, F401  (Keras 3 before anything else)
 
 mnist_dir, mlpnet_npz, mnist_flat = shared_data.mnist_dir, shared_data.mlpnet_npz, shared_data.mnist_flat
-if any(m.split(".")[0] in ("tf_keras", "tensorflow_model_optimization") for m in sys.modules):
-    raise RuntimeError("tests_keras3 must run in its own process, without tf_keras or tfmot: run `pytest tests_keras3` "
-                       "separately from `pytest tests`")
+if os.environ.get("TF_USE_LEGACY_KERAS") == "1":
+    raise RuntimeError("tests_keras3 needs Keras 3: unset TF_USE_LEGACY_KERAS")
 
 
 def pytest_collection_modifyitems(config, items):
+    """After the test modules are imported (each imports tf_woodfisher.keras3 or Keras 3 itself; this file imports
+    no TensorFlow, so pytest-xdist's controlling process starts fast): check that none loaded tf_keras or tfmot."""
+    if any(m.split(".")[0] in ("tf_keras", "tensorflow_model_optimization") for m in sys.modules):
+        raise RuntimeError("tests_keras3 must run in its own process, without tf_keras or tfmot: run `pytest "
+                           "tests_keras3` separately from `pytest tests`")
     shared_data.mark_data_tests_slow(items)
+    shared_data.freeze_imported_objects()
 
 
 @pytest.fixture

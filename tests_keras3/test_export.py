@@ -20,6 +20,7 @@ def sparse_mlp():
     return model
 
 
+@pytest.mark.slow
 def test_sparse_file_is_smaller_agrees_and_runs_in_litert(sparse_mlp, tmp_path, rng):
     path = tmp_path / "mlp.tflite"
     result = tfw3.export_tflite(sparse_mlp, path)

@@ -55,7 +55,8 @@ class MaskChecker(keras.callbacks.Callback):
         self.sparsities.append(zeros / total)
 
 
-@pytest.mark.parametrize("optimizer", [pytest.param(lambda: keras.optimizers.Adam(1e-2), marks=pytest.mark.slow),
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", [lambda: keras.optimizers.Adam(1e-2),
                                        lambda: keras.optimizers.SGD(0.05, momentum=0.9)], ids=["adam", "sgd"])
 def test_masks_hold_after_every_step_and_events_follow_the_schedule(data, optimizer):
     x, y = data
@@ -102,6 +103,7 @@ def test_custom_training_loop_keeps_zeros_through_the_constraints(data):
     assert callback.events[0]["sparsity"] == pytest.approx(0.7, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_training_without_the_callback_is_refused_at_the_pruning_step(data):
     x, y = data
     pruned = tfw3.prune(mlp(), tfw3.OneShotSchedule(0.5, step=3), method="magnitude")
@@ -122,6 +124,7 @@ def test_training_without_the_callback_is_refused_at_the_pruning_step(data):
     keep.fit(x, y, batch_size=32, epochs=1, verbose=0)
 
 
+@pytest.mark.slow
 def test_masks_from_zeros_keep_zeros_while_fine_tuning(data):
     x, y = data
     model = mlp()

@@ -33,8 +33,9 @@ def variables_of(init):
     return [keras.Variable(w, name=n) for w, n in zip(init, ["kernel", "bias", "extra"])]
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-@pytest.mark.parametrize("lr_kind", ["constant", "schedule"])
+@pytest.mark.parametrize("lr_kind,momentum", [pytest.param("constant", 0.0, marks=pytest.mark.slow),
+                                              pytest.param("constant", 0.9, marks=pytest.mark.slow),
+                                              pytest.param("schedule", 0.0, marks=pytest.mark.slow), ("schedule", 0.9)])
 def test_matches_numpy_reference_over_100_steps(rng, lr_kind, momentum):
     init, grad_fn, loss_fn = regression_problem(rng)
     variables = variables_of(init)

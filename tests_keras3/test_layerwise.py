@@ -138,6 +138,7 @@ def test_obc_and_sparsegpt_give_the_same_masks_weights_and_errors_as_the_tf_kera
         assert changed >= 2, (kind, options)  # pruned and reconstructed
 
 
+@pytest.mark.slow
 def test_two_four_on_keras3_kernels_and_pruned_model_masks():
     keras.utils.set_random_seed(0)
     model = worker.build(keras, "sequence")

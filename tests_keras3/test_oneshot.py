@@ -99,6 +99,7 @@ class Tower(keras.Model):
         return self.head(self.lstm(self.conv(self.einsum(self.project(h)))))
 
 
+@pytest.mark.slow
 def test_fisher_gradients_of_keras3_layers_equal_a_per_sample_loop(rng):
     model = Tower()
     tokens = rng.integers(0, 12, (6, 5)).astype(np.int32)
@@ -184,8 +185,11 @@ def test_loss_diagnostics_equal_numpy(rng, method):
     np.testing.assert_allclose(report.measured_loss_increase, mean_loss() - before, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("settings", [dict(method="woodfisher", fisher_block_size=4), dict(method="magnitude"),
-                                      dict(method="woodfisher", steps=2), dict(method="sparsegpt")])
+@pytest.mark.parametrize("settings", [pytest.param(dict(method="woodfisher", fisher_block_size=4),
+                                                   marks=pytest.mark.slow),
+                                      dict(method="magnitude"),
+                                      pytest.param(dict(method="woodfisher", steps=2), marks=pytest.mark.slow),
+                                      pytest.param(dict(method="sparsegpt"), marks=pytest.mark.slow)])
 def test_sweep_points_equal_one_shot_runs_and_the_model_is_restored(rng, settings):
     model, data, _, _ = softmax_regression(rng, n=48)
     start = model.get_weights()

@@ -75,6 +75,7 @@ def test_save_mid_pruning_load_and_resume_equals_uninterrupted(rng, tmp_path):
         assert np.all(target.variable.numpy()[target.mask.numpy() == 0] == 0)
 
 
+@pytest.mark.slow
 def test_loaded_model_refuses_training_without_the_callback(rng, tmp_path):
     x, y, initial = setup(rng)
     pruned = pruned_model(initial)
@@ -85,6 +86,7 @@ def test_loaded_model_refuses_training_without_the_callback(rng, tmp_path):
         loaded.fit(x, y, epochs=1, **FIT)
 
 
+@pytest.mark.slow
 def test_stripped_model_saves_and_loads_as_a_plain_model(rng, tmp_path):
     x, y, initial = setup(rng)
     pruned = pruned_model(initial)

@@ -5,11 +5,12 @@ batch 64, the cubic ramp to 90% with an event every 20 steps up to step 220: 11 
 gradients × 16 samples, 2000-weight blocks, λ = 1e-4, global), from random weights (the cost does not depend on
 them). Each repeat runs tfmot's ``prune_low_magnitude`` fit and ``tfw.prune_woodfisher``'s fit one after the
 other on fresh models, so both see the same machine load; the first repeat also pays the process's one-time
-costs (tracing, the rule check) and is reported apart. Per event: its gradient, inverse and scoring seconds
+costs (tracing, the rule check) and is reported apart. A fit is timed up to its ``on_train_end``; the teardown
+after it (``model.fit`` returning) has its own columns. Per event: its gradient, inverse and scoring seconds
 (``tfw.UpdatePruningStep.events``), and the floor of its gradient stage, one plain batched gradient of the mean
 loss of the event's 2,048 samples (``perf_common.batched_gradient_fn``).
 
-    python benchmarks/perf_gradual.py              # about 1.2 min on 2 cores (5 repeats)
+    python benchmarks/perf_gradual.py              # about 5 min on a 2-core VM without AVX-512 (5 repeats)
     python benchmarks/perf_gradual.py --repeats 3
 
 Outputs: benchmarks/results/perf_gradual.{md,csv}.
@@ -31,8 +32,18 @@ RAMP = dict(initial_sparsity=0.0, final_sparsity=0.9, begin_step=0, end_step=220
 FISHER = dict(num_gradients=128, fisher_batch_size=16, fisher_block_size=2000, damping=1e-4)
 
 
+class _TrainEnd(keras.callbacks.Callback):
+    """Records when ``fit`` calls ``on_train_end``: what follows is the teardown of fit's locals."""
+
+    def on_train_end(self, logs=None):
+        self.seconds = time.perf_counter()
+
+
 def fit(method, x, y, fisher, seed, epochs):
-    """(fit seconds, events) of one gradual run of ``method`` ('tfmot' or 'woodfisher') from fresh weights."""
+    """(fit seconds to on_train_end, teardown seconds, events) of one gradual run of ``method`` ('tfmot' or
+    'woodfisher') from fresh weights. The teardown (``model.fit`` returning after ``on_train_end``) is timed
+    apart: there TensorFlow 2.21 destroys the training data's iterator, which can wait for one of its threads
+    for tens of seconds after a long fit, whatever the pruning method (see BENCHMARKS.md §5)."""
     keras.utils.set_random_seed(seed)
     base = tfw.models.small_cnn()
     if method == "tfmot":
@@ -42,9 +53,10 @@ def fit(method, x, y, fisher, seed, epochs):
         model = tfw.prune_woodfisher(base, tfw.GradualSchedule(**RAMP), method="woodfisher", seed=seed, **FISHER)
         callback = tfw.UpdatePruningStep(fisher, LOSS)
     model.compile(keras.optimizers.Adam(5e-4), LOSS)
+    end = _TrainEnd()
     started = time.perf_counter()
-    model.fit(x, y, batch_size=64, epochs=epochs, callbacks=[callback], verbose=0)
-    return time.perf_counter() - started, getattr(callback, "events", [])
+    model.fit(x, y, batch_size=64, epochs=epochs, callbacks=[callback, end], verbose=0)
+    return end.seconds - started, time.perf_counter() - end.seconds, getattr(callback, "events", [])
 
 
 def floor_seconds(x, y, repeats=5):
@@ -75,8 +87,8 @@ def main(argv=None):
     fisher = tf.data.Dataset.from_tensor_slices((x, y))
     rows = []
     for repeat in range(args.repeats + 1):
-        tfmot_seconds, _ = fit("tfmot", x, y, fisher, repeat, args.epochs)
-        wf_seconds, events = fit("woodfisher", x, y, fisher, repeat, args.epochs)
+        tfmot_seconds, tfmot_teardown, _ = fit("tfmot", x, y, fisher, repeat, args.epochs)
+        wf_seconds, wf_teardown, events = fit("woodfisher", x, y, fisher, repeat, args.epochs)
         stats = [e["stats"] for e in events]
         event_seconds = sum(e["seconds"] for e in events)
         row = dict(repeat="first (one-time costs)" if repeat == 0 else str(repeat), tfmot_fit_s=tfmot_seconds,
@@ -85,7 +97,9 @@ def main(argv=None):
                    later_event_s=float(np.median([e["seconds"] for e in events[1:]])),
                    gradient_s=float(np.median([s.gradient_seconds for s in stats[1:]])),
                    inverse_s=float(np.median([s.inverse_seconds for s in stats[1:]])),
-                   scoring_s=float(np.median([s.scoring_seconds for s in stats[1:]])))
+                   scoring_s=float(np.median([s.scoring_seconds for s in stats[1:]])),
+                   tfmot_teardown_s=tfmot_teardown, woodfisher_teardown_s=wf_teardown,
+                   wall_ratio=(wf_seconds + wf_teardown) / (tfmot_seconds + tfmot_teardown))
         rows.append(row)
         print(row, flush=True)
     floor = floor_seconds(x, y)
@@ -93,8 +107,11 @@ def main(argv=None):
     for row in rows:
         row["floor_s"] = floor
     notes = (f"One process, {args.repeats} repeats after the first; each repeat runs tfmot's fit, then WoodFisher's, "
-             f"on fresh models (seed = repeat). Median over the repeats after the first: WoodFisher fit / tfmot fit "
-             f"**{statistics.median(r['ratio'] for r in steady):.2f}** (target ≤ 1.5); a later event "
+             f"on fresh models (seed = repeat). A fit is timed from its call to its `on_train_end`; the teardown "
+             f"after it (TensorFlow destroying the training data's iterator) is its own column. Median over the "
+             f"repeats after the first: WoodFisher fit / tfmot fit "
+             f"**{statistics.median(r['ratio'] for r in steady):.2f}** (target ≤ 1.5; with the teardowns "
+             f"{statistics.median(r['wall_ratio'] for r in steady):.2f}); a later event "
              f"{statistics.median(r['later_event_s'] for r in steady):.3f} s, its gradient stage "
              f"{statistics.median(r['gradient_s'] for r in steady):.3f} s against {floor:.3f} s for one batched "
              "gradient of the same 2,048 samples (the floor). Event columns: medians over the events after the first.")
@@ -103,7 +120,8 @@ def main(argv=None):
                "WoodFisher fit outside events s": "{outside_s:.2f}",
                "first event s": "{first_event_s:.3f}", "later event s": "{later_event_s:.3f}",
                "gradients s": "{gradient_s:.3f}", "inverse s": "{inverse_s:.3f}", "scoring s": "{scoring_s:.3f}",
-               "batched floor s": "{floor_s:.3f}"}
+               "batched floor s": "{floor_s:.3f}", "teardown s (tfmot / WoodFisher)":
+               "{tfmot_teardown_s:.2f} / {woodfisher_teardown_s:.2f}", "ratio with teardowns": "{wall_ratio:.2f}"}
     common.write_results("perf_gradual", rows, "WoodFisher in model.fit: the fit against tfmot's, same process",
                          notes, columns, started)
 

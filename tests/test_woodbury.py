@@ -182,3 +182,16 @@ def test_all_reduce_is_chosen_only_when_it_moves_fewer_bytes():
     assert reduced_block_size(1000, 10, 64, 4) == 10
     assert reduced_block_size(5, 10, 64, 4) == 5        # a tensor smaller than the block is one block
     assert reduced_block_size(1000, None, 64, 4) is None and reduced_block_size(1000, "model", 64, 4) is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_blocks_are_the_column_ranges_transposed(dtype):
+    """The one-pass NumPy path of consecutive blocks (CPU float tensors) gives TensorFlow's slice + transpose."""
+    from tf_woodfisher.fisher.host import on_host, transposed_blocks
+
+    values = np.random.default_rng(0).normal(size=(6, 53)).astype(dtype)
+    piece = tf.constant(values)
+    assert on_host(piece) and not on_host(tf.constant(values.astype(np.float16)))
+    blocks = transposed_blocks(piece, 3, 4, 12)  # columns 3..50 as four blocks of 12
+    assert blocks.dtype == piece.dtype and blocks.shape == (4, 6, 12)
+    np.testing.assert_array_equal(blocks.numpy(), np.transpose(values[:, 3:51].reshape(6, 4, 12), (1, 0, 2)))

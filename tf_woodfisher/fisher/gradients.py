@@ -19,6 +19,7 @@ from tf_woodfisher import compat
 from tf_woodfisher.config import DEFAULT_SHUFFLE_BUFFER
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.grams import BlockGrams, partial_sums
+from tf_woodfisher.fisher.host import aligned_empty, shared_tensor
 from tf_woodfisher.fisher.memory import default_chunk
 
 
@@ -549,7 +550,7 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
     reduced = [i for i, block in enumerate(reduce_blocks) if block is not None]
     # Rows go into one NumPy buffer per variable, which becomes a tensor without a copy: the largest
     # buffers of an event stay out of TensorFlow's caching allocator and are returned when freed.
-    buffers = {i: _aligned_empty((num_gradients, sizes[i]), dtype) for i in gathered}
+    buffers = {i: aligned_empty((num_gradients, sizes[i]), dtype) for i in gathered}
     # float32 rows are masked straight into the buffers by NumPy (one pass, from a view of the tensor's memory);
     # a mask of ones is skipped. Other dtypes are cast (and counted) by TensorFlow first.
     host_masks = {i: _host_mask(masks[i]) for i in gathered} if dtype == tf.float32 else None
@@ -584,7 +585,7 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
             f"the Fisher dataset is {'empty' if have == 0 else 'too small'}: it gave {have} usable samples, "
             f"but num_gradients × fisher_batch_size = {num_gradients} × {fisher_batch_size} = {needed} are needed"
         )
-    columns = {i: _shared_tensor(buffer, dtype) for i, buffer in buffers.items()}
+    columns = {i: shared_tensor(buffer, dtype) for i, buffer in buffers.items()}
     if reduced:
         totals = executor.reduce_sum(sums)
         for i, (full, rest, gradient_sum) in zip(reduced, totals):
@@ -649,21 +650,6 @@ def _store_rows(target, rows, mask):
     if math.isfinite(float(np.sum(target))):  # float32: an overflow only costs the exact count
         return 0
     return int(np.count_nonzero(~np.isfinite(target)))
-
-
-def _aligned_empty(shape, dtype):
-    """An uninitialised NumPy array for ``dtype`` whose data is 64-byte aligned, as tensor buffers must be."""
-    itemsize, count = dtype.size, int(np.prod(shape))
-    raw = np.empty(count * itemsize + 64, np.uint8)
-    offset = -raw.ctypes.data % 64
-    return raw[offset:offset + count * itemsize].view(dtype.as_numpy_dtype).reshape(shape)
-
-
-def _shared_tensor(array, dtype):
-    """A tensor of ``dtype`` over ``array``'s memory (DLPack, no copy); bfloat16 travels as uint16 bits."""
-    storage = array.view(np.uint16) if dtype == tf.bfloat16 else array
-    tensor = tf.experimental.dlpack.from_dlpack(storage.__dlpack__())
-    return tf.bitcast(tensor, dtype) if dtype == tf.bfloat16 else tensor
 
 
 def _check_finite(non_finite, variables):

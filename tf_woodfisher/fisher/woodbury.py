@@ -22,6 +22,7 @@ import tensorflow as tf
 from tf_woodfisher.fisher.blocks import BlockGroup, BlockPartition, choose_form, explicit_flops, lowrank_flops
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.grams import BlockGrams
+from tf_woodfisher.fisher.host import on_host, transposed_blocks
 
 MAX_DAMPING_RETRIES = 3
 DAMPING_RETRY_FACTOR = 100.0
@@ -378,6 +379,8 @@ def _piece_blocks(piece, indices):
     if not np.all(np.diff(indices.reshape(-1)) == 1):
         return tf.transpose(tf.gather(piece, indices, axis=1), [1, 0, 2])
     begin = int(indices[0, 0])
+    if count > 1 and on_host(piece):  # one pass instead of TensorFlow's copy of the range, then its transpose
+        return transposed_blocks(piece, begin, count, size)
     columns = piece if indices.size == piece.shape[1] else piece[:, begin:begin + indices.size]
     if count == 1:
         return tf.reshape(columns, [1, m, size])

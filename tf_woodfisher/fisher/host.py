@@ -1,0 +1,71 @@
+"""Host (CPU) buffers shared with TensorFlow without a copy: the m × d gradient matrices and their blocks.
+
+The largest arrays of an event are allocated here by NumPy and wrapped as tensors through DLPack, so they
+stay out of TensorFlow's caching allocator (their memory returns to the system when freed) and are written
+once, in their final layout. Nothing here knows about Keras.
+"""
+import numpy as np
+
+import tensorflow as tf
+
+
+def aligned_empty(shape, dtype):
+    """An uninitialised NumPy array for ``dtype`` whose data is 64-byte aligned, as tensor buffers must be.
+
+    Args:
+        shape: the array's shape.
+        dtype: a ``tf.DType`` (bfloat16 arrays hold ml_dtypes' bfloat16).
+
+    Returns:
+        A C-contiguous NumPy array of ``shape``.
+    """
+    dtype = tf.as_dtype(dtype)
+    itemsize, count = dtype.size, int(np.prod(shape))
+    raw = np.empty(count * itemsize + 64, np.uint8)
+    offset = -raw.ctypes.data % 64
+    return raw[offset:offset + count * itemsize].view(dtype.as_numpy_dtype).reshape(shape)
+
+
+def shared_tensor(array, dtype):
+    """A tensor of ``dtype`` over ``array``'s memory (DLPack, no copy); bfloat16 travels as uint16 bits.
+
+    Args:
+        array: a C-contiguous, 64-byte aligned NumPy array (see :func:`aligned_empty`); the tensor keeps it alive.
+        dtype: its ``tf.DType``.
+
+    Returns:
+        A CPU tensor of ``array``'s shape.
+    """
+    dtype = tf.as_dtype(dtype)
+    storage = array.view(np.uint16) if dtype == tf.bfloat16 else array
+    tensor = tf.experimental.dlpack.from_dlpack(storage.__dlpack__())
+    return tf.bitcast(tensor, dtype) if dtype == tf.bfloat16 else tensor
+
+
+def on_host(tensor) -> bool:
+    """Whether ``tensor`` is an eager float32/float64 tensor in CPU memory, which NumPy can read without a copy."""
+    return (isinstance(tensor, tf.Tensor) and hasattr(tensor, "numpy") and tensor.dtype in (tf.float32, tf.float64)
+            and "CPU" in tensor.device.upper())
+
+
+def transposed_blocks(piece, begin, count, size):
+    """The (count, m, size) blocks of consecutive column ranges of an (m, n) CPU tensor, written once.
+
+    Block k is columns ``begin + k·size`` to ``begin + (k+1)·size`` of ``piece``. TensorFlow would copy the
+    column range and then transpose it (two passes over the blocks' memory); here NumPy reads the tensor's own
+    memory and writes the result once into a buffer the returned tensor shares.
+
+    Args:
+        piece: an (m, n) tensor for which :func:`on_host` holds.
+        begin: the first column.
+        count: the number of blocks.
+        size: columns per block.
+
+    Returns:
+        A (count, m, size) tensor of ``piece``'s dtype.
+    """
+    values = np.asarray(piece)  # a view of the tensor's memory
+    m = values.shape[0]
+    out = aligned_empty((count, m, size), piece.dtype)
+    np.copyto(out, values[:, begin:begin + count * size].reshape(m, count, size).transpose(1, 0, 2))
+    return shared_tensor(out, piece.dtype)

@@ -85,6 +85,8 @@ def make_parser(doc, data_help, full, quick, fixed, quick_help, out_default, cac
                     help="block size of the block-diagonal Fisher ('layer': one block per layer)")
     wf.add_argument("--damping", type=float, default=fixed["damping"])
     wf.add_argument("--steps", type=int, default=fixed["steps"], help="Fisher recomputations per pruning event")
+    wf.add_argument("--no-update", dest="update", action="store_false",
+                    help="WoodFisher scores without the OBS weight update of the remaining weights")
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", help=f"folder of the csv/md/png (default {out_default}; with --quick nothing is "
                                       "written unless --out is given)")
@@ -167,7 +169,7 @@ def woodfisher_settings(method, args):
         return dict(method="magnitude", mode="global")
     return dict(method="woodfisher", mode="layerwise" if method == "woodfisher_layerwise" else "global",
                 num_gradients=args.num_gradients, fisher_batch_size=args.fisher_batch_size,
-                fisher_block_size=args.fisher_block_size, damping=args.damping, steps=args.steps)
+                fisher_block_size=args.fisher_block_size, damping=args.damping, steps=args.steps, update=args.update)
 
 
 def wrap_for_pruning(method, base, ramp, seed, args, setup):

@@ -49,6 +49,8 @@ def model_args(key, args):
         settings.num_gradients = args.num_gradients
     if args.fisher_block_size:
         settings.fisher_block_size = args.fisher_block_size
+    settings.gradual_steps = args.steps
+    settings.update = args.update
     return settings
 
 
@@ -175,7 +177,9 @@ EXPORT_FIELDS = ["model", "what", "method", "seed", "sparsity", "keras_accuracy"
 
 def notes(args):
     overrides = {name: value for name, value in (("num_gradients", args.num_gradients),
-                                                 ("fisher_block_size", args.fisher_block_size)) if value}
+                                                 ("fisher_block_size", args.fisher_block_size),
+                                                 ("steps", args.steps if args.steps != 1 else None),
+                                                 ("update", False if not args.update else None)) if value is not None}
     fisher = "; ".join(f"{k}: {dict(v, **overrides)}" for k, v in FISHER.items() if k in args.models)
     return (f"Top-1 accuracy on the official 10k MNIST test set after gradual pruning in `model.fit` (5k training "
             f"subset), mean ± sd over seeds {args.seeds}. Both methods: the same pattern on the same layers, "
@@ -200,6 +204,9 @@ def parse_args(argv=None):
                                                          "each model's own, in FISHER)")
     parser.add_argument("--fisher-block-size", type=int, help="Fisher block size, for every model (default: each "
                                                               "model's own, in FISHER)")
+    parser.add_argument("--steps", type=int, default=1, help="WoodFisher's Fisher recomputations per pruning event")
+    parser.add_argument("--no-update", dest="update", action="store_false", help="WoodFisher without its OBS weight "
+                                                                                 "update (group scores only)")
     parser.add_argument("--parts", nargs="+", choices=["gradual", "export90"], default=["gradual", "export90"])
     parser.add_argument("--no-export", action="store_true", help="no .tflite of the structured models")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="output folder (default benchmarks/results)")

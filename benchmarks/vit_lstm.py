@@ -60,6 +60,7 @@ def parse_args(argv=None):
     wf.add_argument("--woodfisher-mode", choices=["global", "layerwise"], default="global",
                     help="WoodFisher's threshold in the gradual runs")
     wf.add_argument("--oneshot-steps", type=int, default=4, help="Fisher recomputations of a one-shot prune")
+    wf.add_argument("--gradual-steps", type=int, default=1, help="Fisher recomputations per gradual pruning event")
     parser.add_argument("--quick", action="store_true", help="smoke test: 90 %%, seed 0, 1 dense epoch, 1 epoch, "
                                                              "16 gradients")
     parser.add_argument("--out", help="folder of the csv/md (default benchmarks/results; with --quick nothing is "
@@ -151,7 +152,7 @@ def gradual_fit(base, method, target, seed, args, mnist, layers=None, **structur
         schedule = tfw.GradualSchedule(**ramp)
         model = wrap_for_pruning(base, lambda x: tfw.prune_woodfisher(
             x, schedule, method="woodfisher", mode=args.woodfisher_mode, seed=100_000 * seed,
-            **woodfisher_settings(args), **structure), layers)
+            steps=args.gradual_steps, **woodfisher_settings(args), **structure), layers)
         callback = tfw.UpdatePruningStep(mnist.train, common.LOSS)
     model.compile(keras.optimizers.Adam(args.prune_lr), common.LOSS)
     started = time.perf_counter()
@@ -230,7 +231,8 @@ def main(argv=None):
              f"* WoodFisher: {woodfisher_settings(args)}; one-shot in {args.oneshot_steps} steps (Fisher recomputed "
              "after each), global threshold, OBS update.",
              f"* Gradual: {args.epochs} epochs, Adam lr {args.prune_lr:g}, cubic ramp over the first half, an event "
-             f"every {args.frequency} steps; tfmot = `prune_low_magnitude` (per layer, no update).",
+             f"every {args.frequency} steps ({args.gradual_steps} Fisher step(s) per WoodFisher event); tfmot = "
+             "`prune_low_magnitude` (per layer, no update).",
              "* Sparsity is over the prunable kernels (patch embedding, the four attention kernels and the MLP of "
              "each block, the head; LSTM kernel, recurrent kernel, head)."]
     for part, methods in (("oneshot", list(ONE_SHOT)), ("gradual", list(GRADUAL))):

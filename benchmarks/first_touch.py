@@ -12,7 +12,7 @@ takes back memory that the guest has freed within seconds, so a pause makes ever
 
 The process's system time and page faults are its own (``getrusage``).
 
-    python benchmarks/first_touch.py                      # 3 rounds of the three cases, 25 s pauses (about 8 min)
+    python benchmarks/first_touch.py                      # 3 rounds of the three cases, 25 s pauses (about 9 min)
     python benchmarks/first_touch.py --rounds 1 --pause 0 --gb 1   # smoke test
 
 Outputs: benchmarks/results/first_touch.md (or --out).

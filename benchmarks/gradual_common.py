@@ -494,6 +494,19 @@ def header(title, info):
             f"{info['environment']}. Total run time {info['total_seconds'] / 60:.1f} min.", ""]
 
 
+def woodfisher_call(args, wrapped):
+    """The markdown of the ``tfw.prune_woodfisher`` call of the runs, on ``wrapped`` ('model', 'layer')."""
+    return (f"`tfw.prune_woodfisher({wrapped}, schedule, method='woodfisher', mode='global', "
+            f"num_gradients={args.num_gradients}, fisher_batch_size={args.fisher_batch_size}, "
+            f"fisher_block_size={args.fisher_block_size!r}, damping={args.damping:g}, steps={args.steps}, "
+            f"update={args.update})`")
+
+
+def update_text(args):
+    """What each WoodFisher event does to the remaining weights, for the markdown."""
+    return "OBS update" if args.update else "no OBS weight update"
+
+
 def ramp_text(args, info):
     """The sentence of the markdown that describes the ramp."""
     steps_per_epoch, end_step = info["steps_per_epoch"], info["end_step"]

@@ -176,11 +176,9 @@ EXPORT_FIELDS = ["model", "what", "method", "seed", "sparsity", "keras_accuracy"
 
 
 def notes(args):
-    overrides = {name: value for name, value in (("num_gradients", args.num_gradients),
-                                                 ("fisher_block_size", args.fisher_block_size),
-                                                 ("steps", args.steps if args.steps != 1 else None),
-                                                 ("update", False if not args.update else None)) if value is not None}
-    fisher = "; ".join(f"{k}: {dict(v, **overrides)}" for k, v in FISHER.items() if k in args.models)
+    settings = {key: model_args(key, args) for key in FISHER if key in args.models}  # what the runs use
+    fisher = "; ".join(f"{key}: {dict(vit_lstm.woodfisher_settings(s), steps=s.gradual_steps)}"
+                       for key, s in settings.items())
     return (f"Top-1 accuracy on the official 10k MNIST test set after gradual pruning in `model.fit` (5k training "
             f"subset), mean ± sd over seeds {args.seeds}. Both methods: the same pattern on the same layers, "
             f"{args.epochs} epochs, Adam lr 5e-4, batch 64, the cubic ramp over the first half with an event every "

@@ -153,12 +153,9 @@ def markdown(summary, args, info):
         "Adam's per-weight normalised first steps move every weight by about the learning rate and jolt a "
         f"converged network). {gradual.ramp_text(args, info)} "
         f"Seeds {seeds}: a seed sets the data order, the augmentation and the Fisher samples.",
-        f"* WoodFisher: `tfw.prune_woodfisher(layer, schedule, method='woodfisher', mode='global', "
-        f"num_gradients={args.num_gradients}, fisher_batch_size={args.fisher_batch_size}, "
-        f"fisher_block_size={args.fisher_block_size!r}, damping={args.damping:g}, steps={args.steps}, "
-        f"update={args.update})` on "
-        "each selected layer (Fisher data: `tfw.UpdatePruningStep(fisher_dataset, loss)`): one global threshold "
-        "over the 18 kernels, " + ("OBS update" if args.update else "no OBS weight update") + " at each event."
+        f"* WoodFisher: {gradual.woodfisher_call(args, 'layer')} on each selected layer (Fisher data: "
+        f"`tfw.UpdatePruningStep(fisher_dataset, loss)`): one global threshold over the 18 kernels, "
+        f"{gradual.update_text(args)} at each event."
         + (" `woodfisher_layerwise`: the same with `mode='layerwise'` (each layer pruned to the target, as tfmot "
            "does)." if "woodfisher_layerwise" in methods else "")
         + " Fisher events took " + (f"{min(share):.0%}–{max(share):.0%}" if share else "—") + " of the fit time.",

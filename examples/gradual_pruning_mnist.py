@@ -108,11 +108,9 @@ def markdown(summary, args, info):
         f"Adam lr {args.prune_lr:g}, batch "
         f"{args.batch_size}. {gradual.ramp_text(args, info)} "
         f"Seeds {seeds}: a seed sets the data order and the Fisher samples.",
-        f"* WoodFisher: `tfw.prune_woodfisher(model, schedule, method='woodfisher', mode='global', "
-        f"num_gradients={args.num_gradients}, fisher_batch_size={args.fisher_batch_size}, "
-        f"fisher_block_size={args.fisher_block_size}, damping={args.damping:g}, steps={args.steps}, "
-        f"update={args.update})` (Fisher data: `tfw.UpdatePruningStep(fisher_dataset, loss)`), one global threshold "
-        "over all kernels, " + ("OBS update" if args.update else "no OBS weight update") + " at each event.",
+        f"* WoodFisher: {gradual.woodfisher_call(args, 'model')} (Fisher data: "
+        f"`tfw.UpdatePruningStep(fisher_dataset, loss)`), one global threshold over all kernels, "
+        f"{gradual.update_text(args)} at each event.",
         "* Magnitude: `tfmot.sparsity.keras.prune_low_magnitude`, which prunes every layer to the target "
         "(per layer)." + (" `magnitude_global`: `tfw.prune_woodfisher(method='magnitude', mode='global')`, "
                           "one global magnitude threshold." if "magnitude_global" in methods else ""),

@@ -44,6 +44,7 @@ REFERENCE_CORRECT = 924
 HIGH = (0.6, 0.7, 0.8, 0.9, 0.95)  # the layer-wise methods run every point from scratch: from 60% only
 AUTHORS = dict(method="woodfisher", num_gradients=1000, fisher_batch_size=1, fisher_block_size=None, damping=1e-5)
 BEST = dict(method="woodfisher", num_gradients=128, fisher_batch_size=8, fisher_block_size=None, damping=1e-4)
+FILTER_CHUNKS = dict(fisher_block_size=576, fisher_block_order="filter")
 # name → (label, overrides of tfw.WoodFisherConfig, one_shot_sweep options). 'seeds': 1 for deterministic methods.
 METHODS = {
     "magnitude_global": ("global magnitude", dict(method="magnitude"), dict(seeds=1)),
@@ -56,7 +57,11 @@ METHODS = {
     "woodfisher_authors": ("WoodFisher, authors' (m = 1,000, λ = 1e-5, a block per layer, 1 step)", AUTHORS, {}),
     **{f"woodfisher_chunk_{c}": (f"WoodFisher, authors' with chunks of {c:,} (1 seed)",
                                  dict(AUTHORS, fisher_block_size=c), dict(seeds=1))
-       for c in (20, 100, 1000, 5000, 12288)},
+       for c in (20, 100, 576, 1000, 5000, 12288)},
+    # chunks of whole filters (the authors' PyTorch chunks of (c_out, c_in, kh, kw) kernels hold whole filters;
+    # Keras' (kh, kw, c_in, c_out) flat chunks cut across them): 576 = 1, 2 or 4 filters of ResNet-20's 3×3 convs
+    "woodfisher_authors_filter": ("WoodFisher, authors' with chunks of 576 weights of whole filters "
+                                  "(fisher_block_order='filter')", dict(AUTHORS, **FILTER_CHUNKS), {}),
     "woodtaylor": ("WoodTaylor (m = 1,000, λ = 1e-5, a block per layer)", dict(AUTHORS, method="woodtaylor"), {}),
     # the thesis (§5.2) finds WoodTaylor sensitive to the damping: its update's norm is ~10× the weights' at 1e-5
     **{f"woodtaylor_{d}": (f"WoodTaylor, λ = {d}", dict(AUTHORS, method="woodtaylor", damping=float(d)), {})
@@ -64,6 +69,28 @@ METHODS = {
     "woodfisher_best": ("WoodFisher, multi-step (128 × 8 samples, λ = 1e-4, a block per layer, an event per "
                         "point of the path)", BEST, dict(cumulative=True)),
     "woodfisher_best_bn": ("WoodFisher, multi-step + BN recalibration", BEST, dict(cumulative=True, bn=True)),
+    "woodfisher_best_filter": ("WoodFisher, multi-step, chunks of 576 weights of whole filters",
+                               dict(BEST, **FILTER_CHUNKS), dict(cumulative=True)),
+    "woodfisher_best_filter_bn": ("WoodFisher, multi-step, chunks of whole filters + BN recalibration",
+                                  dict(BEST, **FILTER_CHUNKS), dict(cumulative=True, bn=True)),
+    "woodfisher_best_flat_576": ("WoodFisher, multi-step, flat chunks of 576 weights (1 seed)",
+                                 dict(BEST, fisher_block_size=576), dict(cumulative=True, seeds=1)),
+    # tries around the filter chunks, one seed each: other chunk sizes (144: one filter a block in most layers) and
+    # more damping; more gradients (512 × 8: nearly full-rank blocks) and sequential OBS inside the chunks (explicit
+    # blocks: 288 weights keeps them within SEQUENTIAL_MAX_ENTRIES) were run on 3 seeds after their first
+    **{f"woodfisher_best_filter_{c}": (f"WoodFisher, multi-step, chunks of {c:,} weights of whole filters (1 seed)",
+                                       dict(BEST, fisher_block_order="filter", fisher_block_size=c),
+                                       dict(cumulative=True, seeds=1)) for c in (144, 2304)},
+    "woodfisher_best_filter_m512": ("WoodFisher, multi-step, chunks of 576 weights of whole filters, 512 × 8 samples",
+                                    dict(BEST, **FILTER_CHUNKS, num_gradients=512), dict(cumulative=True)),
+    "woodfisher_best_filter_m512_bn": ("WoodFisher, multi-step, chunks of whole filters, 512 × 8 samples + BN "
+                                       "recalibration", dict(BEST, **FILTER_CHUNKS, num_gradients=512),
+                                       dict(cumulative=True, bn=True)),
+    "woodfisher_best_filter_sequential_288": (
+        "WoodFisher, multi-step, chunks of 288 weights of whole filters, sequential OBS inside them",
+        dict(BEST, fisher_block_order="filter", fisher_block_size=288, sequential=True), dict(cumulative=True)),
+    "woodfisher_best_filter_damping_1e-3": ("WoodFisher, multi-step, chunks of whole filters, λ = 1e-3 (1 seed)",
+                                            dict(BEST, **FILTER_CHUNKS, damping=1e-3), dict(cumulative=True, seeds=1)),
     # tried as improvements of the multi-step path, one seed each: other dampings, and the "true" Fisher, its labels
     # drawn from the checkpoint's own predictive distribution instead of the dataset's labels
     **{f"woodfisher_best_damping_{d}": (f"WoodFisher, multi-step, λ = {d} (1 seed)", dict(BEST, damping=float(d)),
@@ -77,12 +104,17 @@ METHODS = {
     "sparsegpt_bn": ("SparseGPT (512 calibration images) + BN recalibration (1 seed)",
                      dict(method="sparsegpt", calibration_samples=512), dict(bn=True, grid=HIGH, seeds=1)),
 }
-ORDER = ("magnitude_global", "magnitude_layerwise", "magnitude_global_bn", "woodfisher_authors", "woodfisher_best",
-         "woodfisher_best_bn", *(f"woodfisher_best_damping_{d}" for d in ("1e-5", "3e-4", "1e-3")),
+ORDER = ("magnitude_global", "magnitude_layerwise", "magnitude_global_bn", "woodfisher_authors",
+         "woodfisher_authors_filter", "woodfisher_best", "woodfisher_best_bn", "woodfisher_best_filter",
+         "woodfisher_best_filter_bn", "woodfisher_best_flat_576", "woodfisher_best_filter_144",
+         "woodfisher_best_filter_2304", "woodfisher_best_filter_m512", "woodfisher_best_filter_m512_bn",
+         "woodfisher_best_filter_sequential_288",
+         "woodfisher_best_filter_damping_1e-3",
+         *(f"woodfisher_best_damping_{d}" for d in ("1e-5", "3e-4", "1e-3")),
          "woodfisher_best_sampled_labels", "obc_bn", "obc", "diagonal_fisher_1000", "diagonal_fisher_5085",
          "woodtaylor",
          *(f"woodtaylor_{d}" for d in ("1e-3", "1e-2", "1e-1", "1")),
-         *(f"woodfisher_chunk_{c}" for c in (20, 100, 1000, 5000, 12288)), "sparsegpt_bn")
+         *(f"woodfisher_chunk_{c}" for c in (20, 100, 576, 1000, 5000, 12288)), "sparsegpt_bn")
 # The second protocol runs the baselines, the authors' configuration and the best ones only (the cost of the rest).
 ALL_PROTOCOL_METHODS = ("magnitude_global", "magnitude_layerwise", "woodfisher_authors", "woodfisher_best")
 PROTOCOLS = {"stage": "the 18 stage 3×3 convolutions (paper protocol)", "all": "every convolution + the classifier"}

@@ -82,7 +82,9 @@ def make_parser(doc, data_help, full, quick, fixed, quick_help, out_default, cac
     wf.add_argument("--fisher-batch-size", type=int, default=fixed["fisher_batch_size"],
                     help="samples averaged into each gradient")
     wf.add_argument("--fisher-block-size", type=block_size, default=fixed["fisher_block_size"],
-                    help="block size of the block-diagonal Fisher ('layer': one block per layer)")
+                    help="Fisher block size: an int, 'layer' (one block per layer) or 'model' (one block for all)")
+    wf.add_argument("--fisher-block-order", choices=("flat", "filter"), default="flat",
+                    help="how an int --fisher-block-size cuts a kernel: 'filter' = chunks of whole filters")
     wf.add_argument("--damping", type=float, default=fixed["damping"])
     wf.add_argument("--steps", type=int, default=fixed["steps"], help="Fisher recomputations per pruning event")
     wf.add_argument("--no-update", dest="update", action="store_false",
@@ -99,18 +101,15 @@ def make_parser(doc, data_help, full, quick, fixed, quick_help, out_default, cac
 
 
 def block_size(text):
-    """--fisher-block-size: an int ≥ 1, or 'layer' (None: one block per layer)."""
+    """--fisher-block-size: an int ≥ 1, 'layer' (None: one block per layer) or 'model' (one block for all)."""
     if text in ("layer", "none", "None"):
         return None
+    if text == "model":
+        return text
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int or 'layer', got {text!r}") from None
-
-
-def block_size_text(value):
-    """The --fisher-block-size value as the example's tables show it."""
-    return "one block per layer" if value is None else f"{value:,}"
+        raise argparse.ArgumentTypeError(f"expected an int, 'layer' or 'model', got {text!r}") from None
 
 
 def finish_args(parser, argv=None):
@@ -169,7 +168,8 @@ def woodfisher_settings(method, args):
         return dict(method="magnitude", mode="global")
     return dict(method="woodfisher", mode="layerwise" if method == "woodfisher_layerwise" else "global",
                 num_gradients=args.num_gradients, fisher_batch_size=args.fisher_batch_size,
-                fisher_block_size=args.fisher_block_size, damping=args.damping, steps=args.steps, update=args.update)
+                fisher_block_size=args.fisher_block_size, fisher_block_order=args.fisher_block_order,
+                damping=args.damping, steps=args.steps, update=args.update)
 
 
 def wrap_for_pruning(method, base, ramp, seed, args, setup):
@@ -498,7 +498,9 @@ def woodfisher_call(args, wrapped):
     """The markdown of the ``tfw.prune_woodfisher`` call of the runs, on ``wrapped`` ('model', 'layer')."""
     return (f"`tfw.prune_woodfisher({wrapped}, schedule, method='woodfisher', mode='global', "
             f"num_gradients={args.num_gradients}, fisher_batch_size={args.fisher_batch_size}, "
-            f"fisher_block_size={args.fisher_block_size!r}, damping={args.damping:g}, steps={args.steps}, "
+            f"fisher_block_size={args.fisher_block_size!r}, "
+            + ("" if args.fisher_block_order == "flat" else f"fisher_block_order={args.fisher_block_order!r}, ")
+            + f"damping={args.damping:g}, steps={args.steps}, "
             f"update={args.update})`")
 
 

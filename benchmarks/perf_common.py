@@ -23,7 +23,6 @@ from tf_woodfisher.fisher.gradients import (collect_gradient_columns, collect_gr
 
 # Per-sample cross-entropies (the numerical core takes (y_true, y_pred) → losses of shape (n,)).
 LOGITS_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=keras.losses.Reduction.NONE)
-PROBABILITIES_LOSS = keras.losses.SparseCategoricalCrossentropy(reduction=keras.losses.Reduction.NONE)
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 

@@ -15,6 +15,8 @@ BAD_VALUES = [
     ("fisher_batch_size", -1, "fisher_batch_size must be an int ≥ 1"),
     ("fisher_block_size", 0, "fisher_block_size must be None, 'model' or an int ≥ 1"),
     ("fisher_block_size", "layer", "fisher_block_size must be None, 'model' or an int ≥ 1"),
+    ("fisher_block_order", "rows", "fisher_block_order must be one of"),
+    ("fisher_block_order", "filter", "fisher_block_order='filter' .* needs an int fisher_block_size"),
     ("damping", 0.0, "damping must be a finite number > 0"),
     ("damping", float("nan"), "damping must be a finite number > 0"),
     ("damping", "1e-5", "damping must be a finite number > 0"),
@@ -115,3 +117,10 @@ def test_structures_are_tfmot_options():
     assert np.all((kernel.T.reshape(8, 2, 4) == 0).sum(axis=2) == 2)
     with pytest.raises(ValueError, match=r"block_size=\(1, 4\) and sparsity_m_by_n=\(2, 4\) were both given"):
         WoodFisherConfig(block_size=(1, 4), sparsity_m_by_n=(2, 4))
+
+
+def test_filter_block_order_needs_single_weight_masks():
+    assert WoodFisherConfig(fisher_block_size=64, fisher_block_order="filter").fisher_block_order == "filter"
+    for structure in (dict(block_size=(1, 4)), dict(sparsity_m_by_n=(2, 4))):
+        with pytest.raises(ValueError, match="no block_size / sparsity_m_by_n structure"):
+            WoodFisherConfig(fisher_block_size=64, fisher_block_order="filter", **structure)

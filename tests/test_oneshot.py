@@ -136,14 +136,22 @@ def test_multi_step_is_monotone_and_reaches_target(mlpnet_npz, fisher_data):
                               verbose=0).sparsity == pytest.approx(0.8, abs=1e-4)
 
 
-def numpy_one_shot(kernels, grads, method, block, sparsity, damping):
-    """A dense NumPy OBS event: per-block F = λI + GᵀG/m, scores, one global threshold, update, mask."""
+def numpy_one_shot(kernels, grads, method, block, sparsity, damping, order="flat"):
+    """A dense NumPy OBS event: per-block F = λI + GᵀG/m, scores, one global threshold, update, mask.
+    ``order='filter'``: each block is max(1, block // s) consecutive output units (kernel columns of s weights)."""
     w = np.concatenate([k.ravel() for k in kernels]).astype(np.float64)
     g = grads.astype(np.float64)
     d = w.size
     sizes = [k.size for k in kernels]
     if block == "model":
         blocks = [np.arange(d)]
+    elif order == "filter":
+        blocks, start = [], 0
+        for kernel in kernels:
+            units = start + np.arange(kernel.size).reshape(-1, kernel.shape[-1]).T  # row j: unit j's entries
+            per = max(1, block // units.shape[1])
+            blocks += [units[j:j + per].ravel() for j in range(0, len(units), per)]
+            start += kernel.size
     else:
         blocks, start = [], 0
         for size in sizes:
@@ -164,11 +172,12 @@ def numpy_one_shot(kernels, grads, method, block, sparsity, damping):
     return np.where(pruned, 0.0, w), pruned
 
 
-@pytest.mark.parametrize("method,block", [pytest.param("woodfisher", None, marks=pytest.mark.slow),
-                                          pytest.param("woodfisher", "model", marks=pytest.mark.slow),
-                                          ("woodfisher", 7),
-                                          pytest.param("diagonal_fisher", None, marks=pytest.mark.slow)])
-def test_one_shot_event_equals_numpy_obs_on_a_small_model(rng, method, block):
+@pytest.mark.parametrize("method,block,order", [pytest.param("woodfisher", None, "flat", marks=pytest.mark.slow),
+                                                pytest.param("woodfisher", "model", "flat", marks=pytest.mark.slow),
+                                                ("woodfisher", 7, "flat"),
+                                                ("woodfisher", 12, "filter"),
+                                                pytest.param("diagonal_fisher", None, "flat", marks=pytest.mark.slow)])
+def test_one_shot_event_equals_numpy_obs_on_a_small_model(rng, method, block, order):
     """Gradients (a plain per-sample loop), scores, the global selection and the OBS update against NumPy."""
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh", name="a"),
@@ -180,13 +189,24 @@ def test_one_shot_event_equals_numpy_obs_on_a_small_model(rng, method, block):
         with tf.GradientTape() as tape:
             loss = LOSS(y[i:i + 1], model(x[i:i + 1], training=False))
         rows.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, [w.variable for w in weights])]))
-    expected, pruned = numpy_one_shot([w.variable.numpy() for w in weights], np.stack(rows), method, block, 0.6, 1e-2)
+    expected, pruned = numpy_one_shot([w.variable.numpy() for w in weights], np.stack(rows), method, block, 0.6, 1e-2,
+                                      order)
     report = tfw.one_shot_prune(model, tf.data.Dataset.from_tensor_slices((x, y)), LOSS, 0.6, method=method,
-                                num_gradients=40, fisher_block_size=block, damping=1e-2, shuffle_buffer=0, verbose=0)
+                                num_gradients=40, fisher_block_size=block, fisher_block_order=order, damping=1e-2,
+                                shuffle_buffer=0, verbose=0)
     got = np.concatenate([w.variable.numpy().ravel() for w in weights])
     np.testing.assert_array_equal(got == 0, pruned)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert [layer.zeros for layer in report.layers] == [int(pruned[:30].sum()), int(pruned[30:].sum())]
+
+
+def test_filter_order_warns_when_a_unit_is_larger_than_the_chunk(rng):
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, name="a"), keras.layers.Dense(3, name="b")])
+    data = tf.data.Dataset.from_tensor_slices((rng.normal(size=(8, 6)).astype("float32"), rng.integers(0, 3, 8)))
+    with pytest.warns(RuntimeWarning, match=r"the output units of a/kernel \(6\), b/kernel \(5\) have more weights "
+                                            r"than fisher_block_size=4"):
+        tfw.one_shot_prune(model, data, LOSS, 0.5, num_gradients=8, fisher_block_size=4, fisher_block_order="filter",
+                           verbose=0)
 
 
 def test_tfmot_wrapped_model_gets_masks(mlpnet_npz, fisher_data):

@@ -195,3 +195,24 @@ def test_host_blocks_are_the_column_ranges_transposed(dtype):
     blocks = transposed_blocks(piece, 3, 4, 12)  # columns 3..50 as four blocks of 12
     assert blocks.dtype == piece.dtype and blocks.shape == (4, 6, 12)
     np.testing.assert_array_equal(blocks.numpy(), np.transpose(values[:, 3:51].reshape(6, 4, 12), (1, 0, 2)))
+
+
+def test_filter_order_chunks_hold_whole_output_units():
+    """Aligned to output_unit_groups, chunks of c hold max(1, c // s) whole filters of s weights each, in filter
+    order: the blocks of the kernel transposed to (c_out, ...) and cut into consecutive runs of whole filters."""
+    from tf_woodfisher.fisher.blocks import output_unit_groups
+
+    shapes = [(3, 3, 4, 6), (3, 3, 6, 5), (7,)]  # filters of 36 and 54 weights, and a vector
+    sizes = [int(np.prod(s)) for s in shapes]
+    partition = BlockPartition.from_segments(sizes, 80, groups=[output_unit_groups(s) for s in shapes])
+    got = sorted(tuple(sorted(block)) for g in partition.groups for block in g.indices.tolist())
+    expected, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        units = start + np.arange(size).reshape(-1, shape[-1]).T if len(shape) > 1 else start + np.arange(size)[:, None]
+        per = max(1, 80 // units.shape[1])
+        expected += [tuple(sorted(units[j:j + per].ravel().tolist())) for j in range(0, len(units), per)]
+        start += size
+    assert got == sorted(expected)
+    assert sorted(len(b) for b in got) == sorted([72, 72, 72] + [54] * 5 + [7])
+    np.testing.assert_array_equal(np.sort(np.concatenate([g.indices.ravel() for g in partition.groups])),
+                                  np.arange(sum(sizes)))

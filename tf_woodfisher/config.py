@@ -16,6 +16,7 @@ METHODS = ("magnitude", "diagonal_fisher", "woodfisher", "woodtaylor", "obc", "s
 LAYERWISE_METHODS = ("obc", "sparsegpt")  # post-training reconstruction from activations: no labels, no gradients
 RECONSTRUCTION_TARGETS = ("dense", "inputs")
 MODES = ("global", "layerwise")
+FISHER_BLOCK_ORDERS = ("flat", "filter")
 INVERSE_METHODS = ("woodfisher", "woodtaylor")  # those that factorise the inverse Fisher
 GRADIENT_DTYPES = ("float32", "float16", "bfloat16")
 INVERSE_DTYPES = ("float32", "float64")
@@ -73,6 +74,13 @@ class WoodFisherConfig:
             reads num_gradients × fisher_batch_size samples.
         fisher_block_size: the Fisher's diagonal blocks: ``None`` (one block per weight tensor), an int c
             (chunks of c weights, never crossing tensors) or ``'model'`` (one block).
+        fisher_block_order: how an int ``fisher_block_size`` cuts a tensor. ``'flat'``: chunks of c consecutive
+            entries in the weight's own (row-major) order; a Keras kernel's last axis is its output channel, so a
+            chunk of a convolution's (kh, kw, c_in, c_out) kernel spans c / c_out input positions of every filter.
+            ``'filter'``: chunks of whole output units (slices along the last axis: a convolution's filter, a
+            Dense unit's column), max(1, c // s) of them for units of s weights, as the WoodFisher authors'
+            chunks of PyTorch's (c_out, c_in, kh, kw) kernels hold whole filters; a unit larger than c is one
+            block of s weights (a warning says so). Needs an int ``fisher_block_size`` and single-weight masks.
         damping: λ > 0, the dampening added to the Fisher's diagonal.
         steps: Fisher recomputations per pruning event: the event reaches its sparsity in ``steps`` steps,
             each removing the same fraction of the remaining weights after recomputing the gradients.
@@ -119,6 +127,7 @@ class WoodFisherConfig:
     num_gradients: int = 1000
     fisher_batch_size: int = 1
     fisher_block_size: int | str | None = None
+    fisher_block_order: str = "flat"
     damping: float = 1e-5
     steps: int = 1
     update: bool = True
@@ -150,6 +159,7 @@ class WoodFisherConfig:
         if self.fisher_block_size is not None and self.fisher_block_size != "model":
             set_("fisher_block_size", _positive_int("fisher_block_size", self.fisher_block_size,
                                                     "None, 'model' or an int ≥ 1"))
+        _choice("fisher_block_order", self.fisher_block_order, FISHER_BLOCK_ORDERS)
         if not (_is_number(self.damping) and math.isfinite(self.damping) and self.damping > 0):
             raise _error("damping", self.damping, "a finite number > 0")
         set_("damping", float(self.damping))
@@ -183,6 +193,12 @@ class WoodFisherConfig:
                              f"method='woodfisher', an int fisher_block_size and update=True (got "
                              f"method={self.method!r}, fisher_block_size={self.fisher_block_size!r}, "
                              f"update={self.update})")
+        if self.fisher_block_order == "filter" and (not _is_int(self.fisher_block_size) or self.structured):
+            raise ValueError(f"fisher_block_order='filter' cuts int fisher_block_size chunks along output units: it "
+                             f"needs an int fisher_block_size (got {self.fisher_block_size!r}; None and 'model' "
+                             f"blocks hold whole tensors already) and no block_size / sparsity_m_by_n structure "
+                             f"(whose groups set the chunks; got block_size={self.block_size}, "
+                             f"sparsity_m_by_n={self.sparsity_m_by_n})")
         if self.sequential and self.structured:
             raise ValueError("sequential=True removes single weights: it cannot be combined with block_size or "
                              "sparsity_m_by_n")

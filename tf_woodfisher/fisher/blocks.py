@@ -7,6 +7,8 @@ grouped so that the inverse-Fisher engine processes each group as one batched te
 
 With a sparsity structure (tfmot's blocks or N:M groups), chunks are aligned to it: each chunk
 holds whole groups of weights, so that a group's OBS submatrix (F⁻¹)_QQ lies inside one block.
+The same alignment to :func:`output_unit_groups` gives chunks of whole filters
+(``fisher_block_order='filter'``).
 """
 import dataclasses
 
@@ -71,6 +73,25 @@ def group_sizes(segment_sizes, block_size):
         for length, count in segment_chunks(int(size), block_size):
             groups[length] = groups.get(length, 0) + count
     return groups
+
+
+def output_unit_groups(shape):
+    """The output unit of each entry of a weight of ``shape``, for ``BlockPartition.from_segments(groups=...)``.
+
+    A unit is a slice along the last axis (a convolution's filter, a Dense unit's column): chunks aligned to
+    these groups hold whole units (``fisher_block_order='filter'``). A weight of rank ≤ 1 has one unit per
+    entry, so its aligned chunks are the flat ones.
+
+    Args:
+        shape: the weight's shape, a sequence of ints (row-major flattening, as the flat parameter vector).
+
+    Returns:
+        int64 (size,): entry j's unit, j mod shape[-1] for rank ≥ 2, else j.
+    """
+    shape = [int(s) for s in shape]
+    size = int(np.prod(shape, dtype=np.int64))
+    entries = np.arange(size, dtype=np.int64)
+    return entries % shape[-1] if len(shape) >= 2 else entries
 
 
 def lowrank_flops(m, c):

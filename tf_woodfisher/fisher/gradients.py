@@ -283,35 +283,6 @@ def _conv2d_filter_gradient(pfor_input, fallback):
     return compat.pfor_wrap(tf.reshape(kernels, [n, kh, kw, channels, filters]), True)
 
 
-def _matmul_of_rows(pfor_input, fallback):
-    """pfor converter of BatchMatMulV2 that keeps TensorFlow's batch matmuls at rank ≤ 3: oneDNN (TensorFlow 2.21
-    on CPU) corrupts memory or aborts on some of rank ≥ 4 (e.g. (32, 1, 2, 4) · (4, 5)), which vectorising a
-    group's gradient creates from Keras 3's Dense, EinsumDense and MultiHeadAttention on sequences (they call
-    ``tf.matmul`` on rank-3 and rank-4 tensors). The same numbers from:
-
-    * per-group inputs times one 2-D weight, x (n, ..., k) · W (k, m): one 2-D matmul of the flattened rows;
-    * two per-group operands of rank ≥ 4 (attention scores): their batch axes, broadcast to one shape, flattened
-      into one, a rank-3 batch matmul.
-
-    Other cases go to ``fallback``."""
-    x, x_stacked, _ = pfor_input.input(0)
-    y, y_stacked, _ = pfor_input.input(1)
-    adj_x, adj_y = pfor_input.get_attr("adj_x"), pfor_input.get_attr("adj_y")
-    if x.shape.rank is None or y.shape.rank is None:
-        return fallback(pfor_input)
-    if x_stacked and not y_stacked and y.shape.rank == 2 and x.shape.rank >= 3 and not adj_x:
-        rows = tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), y, transpose_b=adj_y)
-        return compat.pfor_wrap(tf.reshape(rows, tf.concat([tf.shape(x)[:-1], tf.shape(rows)[-1:]], 0)), True)
-    if x_stacked and y_stacked and min(x.shape.rank, y.shape.rank) >= 4:
-        batch = tf.broadcast_dynamic_shape(tf.shape(x)[:-2], tf.shape(y)[:-2])
-        x = tf.broadcast_to(x, tf.concat([batch, tf.shape(x)[-2:]], 0))
-        y = tf.broadcast_to(y, tf.concat([batch, tf.shape(y)[-2:]], 0))
-        product = tf.matmul(tf.reshape(x, tf.concat([[-1], tf.shape(x)[-2:]], 0)),
-                            tf.reshape(y, tf.concat([[-1], tf.shape(y)[-2:]], 0)), adjoint_a=adj_x, adjoint_b=adj_y)
-        return compat.pfor_wrap(tf.reshape(product, tf.concat([batch, tf.shape(product)[-2:]], 0)), True)
-    return fallback(pfor_input)
-
-
 GradientFn = Callable[[object, object], tuple]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_woodfisher.config import LAYERWISE_METHODS, WoodFisherConfig, validate_sparsity
-from tf_woodfisher.fisher.blocks import BlockPartition, group_sizes
+from tf_woodfisher.fisher.blocks import BlockPartition, group_sizes, output_unit_groups
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.gradients import collect_gradient_columns, fisher_loss, make_gradient_fn
 from tf_woodfisher.fisher.grams import gradient_moments, reduced_block_size
@@ -154,6 +154,14 @@ class Pruner:
             warnings.warn(f"fisher_block_size={config.fisher_block_size} is larger than every prunable tensor "
                           f"(largest: {max(self.segments)}); each tensor is one block, as with fisher_block_size=None",
                           RuntimeWarning, stacklevel=3)
+        if config.fisher_block_order == "filter":
+            large = [f"{t.name} ({t.size // t.shape[-1]})" for t in self.targets
+                     if len(t.shape) >= 2 and t.size // t.shape[-1] > config.fisher_block_size]
+            if large:
+                named = ", ".join(large[:4]) + (f" and {len(large) - 4} more tensors" if len(large) > 4 else "")
+                warnings.warn(f"fisher_block_order='filter': the output units of {named} have more "
+                              f"weights than fisher_block_size={config.fisher_block_size}; each of their units is "
+                              "one Fisher block of that many weights", RuntimeWarning, stacklevel=3)
         self.offsets = np.cumsum([0] + self.segments)
         self.plan = plan_memory(event_shape(config, self.segments), config.max_memory) \
             if config.needs_gradients else None
@@ -349,18 +357,25 @@ class Pruner:
                 reduce_blocks=self.reduced_block_sizes(stage), batched=problem.batched,
                 gradient_fn=self._gradient_fn(stage))
         if self._diagnosis is not None:
-            self._diagnosis.record(self.offsets[begin], columns, seed,
-                                   None if self.groups is None else self.groups.group_ids(begin, end))
+            self._diagnosis.record(self.offsets[begin], columns, seed, self._block_groups(begin, end))
         with timer("inverse"):
             inverse = None
             if config.needs_inverse:
-                partition = BlockPartition.from_segments(  # with a structure, every group inside one block
-                    self.segments[begin:end], config.fisher_block_size,
-                    groups=None if self.groups is None else self.groups.group_ids(begin, end))
+                partition = BlockPartition.from_segments(  # every structure group (or filter) inside one block
+                    self.segments[begin:end], config.fisher_block_size, groups=self._block_groups(begin, end))
                 inverse = InverseFisher.from_gradients(columns, partition, config.damping, config.inverse_dtype,
                                                        on_group=progress.advance, executor=self.executor)
             moments = gradient_moments(columns) if config.method in MOMENT_METHODS else None
             return scoring.FisherStatistics.for_method(config.method, config.damping, inverse, moments)
+
+    def _block_groups(self, begin, end):
+        """Per target in [begin, end), the groups the Fisher chunks hold whole (the structure's, or the output
+        units of ``fisher_block_order='filter'``); None for flat chunks."""
+        if self.groups is not None:
+            return self.groups.group_ids(begin, end)
+        if self.config.fisher_block_order == "filter":
+            return [output_unit_groups(t.shape) for t in self.targets[begin:end]]
+        return None
 
     def reduced_block_sizes(self, stage):
         """Per target of ``stage``: the block size c whose Gram sums are all-reduced across replicas.
@@ -376,8 +391,9 @@ class Pruner:
             with a structure (except diagonal Fisher), when every target's rows are collected.
         """
         config = self.config
-        if self.executor.num_replicas == 1 or (self.groups is not None and config.method != "diagonal_fisher"):
-            return None  # a structure's aligned blocks are not consecutive chunks: their Grams need the rows
+        if self.executor.num_replicas == 1 or (self._block_groups(*stage) is not None
+                                               and config.method != "diagonal_fisher"):
+            return None  # aligned blocks (a structure's, whole filters) are not consecutive chunks: Grams need rows
         block_size = 1 if config.method == "diagonal_fisher" else config.fisher_block_size
         return [reduced_block_size(size, block_size, config.num_gradients, GRADIENT_DTYPES[config.gradient_dtype])
                 for size in self.segments[stage[0]:stage[1]]]

@@ -388,11 +388,12 @@ class Pruner:
 
         Returns:
             A list with, per target of the stage, c (an int) or None; or None altogether on one replica, or
-            with a structure (except diagonal Fisher), when every target's rows are collected.
+            with blocks aligned to groups (a structure's, or ``fisher_block_order='filter'``; except diagonal
+            Fisher), when every target's rows are collected.
         """
         config = self.config
-        if self.executor.num_replicas == 1 or (self._block_groups(*stage) is not None
-                                               and config.method != "diagonal_fisher"):
+        aligned = self.groups is not None or config.fisher_block_order == "filter"
+        if self.executor.num_replicas == 1 or (aligned and config.method != "diagonal_fisher"):
             return None  # aligned blocks (a structure's, whole filters) are not consecutive chunks: Grams need rows
         block_size = 1 if config.method == "diagonal_fisher" else config.fisher_block_size
         return [reduced_block_size(size, block_size, config.num_gradients, GRADIENT_DTYPES[config.gradient_dtype])

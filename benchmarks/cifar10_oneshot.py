@@ -89,6 +89,11 @@ METHODS = {
     "woodfisher_best_filter_sequential_288": (
         "WoodFisher, multi-step, chunks of 288 weights of whole filters, sequential OBS inside them",
         dict(BEST, fisher_block_order="filter", fisher_block_size=288, sequential=True), dict(cumulative=True)),
+    # the same 1,024 samples an event as fewer, larger groups in more gradients: m ≥ 288 makes each block full-rank
+    **{f"woodfisher_best_filter_sequential_288_m{m}_b{b}": (
+        f"WoodFisher, multi-step, chunks of 288 weights of whole filters, sequential OBS, {m} × {b} samples",
+        dict(BEST, fisher_block_order="filter", fisher_block_size=288, sequential=True, num_gradients=m,
+             fisher_batch_size=b), dict(cumulative=True)) for m, b in ((256, 4), (512, 2))},
     "woodfisher_best_filter_damping_1e-3": ("WoodFisher, multi-step, chunks of whole filters, λ = 1e-3 (1 seed)",
                                             dict(BEST, **FILTER_CHUNKS, damping=1e-3), dict(cumulative=True, seeds=1)),
     # tried as improvements of the multi-step path, one seed each: other dampings, and the "true" Fisher, its labels
@@ -108,7 +113,8 @@ ORDER = ("magnitude_global", "magnitude_layerwise", "magnitude_global_bn", "wood
          "woodfisher_authors_filter", "woodfisher_best", "woodfisher_best_bn", "woodfisher_best_filter",
          "woodfisher_best_filter_bn", "woodfisher_best_flat_576", "woodfisher_best_filter_144",
          "woodfisher_best_filter_2304", "woodfisher_best_filter_m512", "woodfisher_best_filter_m512_bn",
-         "woodfisher_best_filter_sequential_288",
+         "woodfisher_best_filter_sequential_288", "woodfisher_best_filter_sequential_288_m256_b4",
+         "woodfisher_best_filter_sequential_288_m512_b2",
          "woodfisher_best_filter_damping_1e-3",
          *(f"woodfisher_best_damping_{d}" for d in ("1e-5", "3e-4", "1e-3")),
          "woodfisher_best_sampled_labels", "obc_bn", "obc", "diagonal_fisher_1000", "diagonal_fisher_5085",
@@ -120,6 +126,7 @@ ALL_PROTOCOL_METHODS = ("magnitude_global", "magnitude_layerwise", "woodfisher_a
 PROTOCOLS = {"stage": "the 18 stage 3×3 convolutions (paper protocol)", "all": "every convolution + the classifier"}
 # Targets of the issue, as points lost from the dense 90.86% at the given sparsities (best configuration, stage).
 BEST_TARGETS = {0.6: 2.0, 0.7: 4.0, 0.8: 9.0, 0.9: 30.0}
+MAX_RUN_SECONDS = 120  # the issue's cost target for the best configuration's one-shot run
 FIELDS = ["protocol", "method", "seed", "sparsity", "achieved_sparsity", "correct", "accuracy", "diff_vs_magnitude",
           "paired_se", "run_seconds", "sweep_seconds", "peak_rss_gb", "layers"]
 
@@ -272,14 +279,20 @@ def targets(rows, protocol, dense):
                   if n.startswith("woodfisher") and any(r["method"] == n for r in rows)}
     for sparsity, allowed in BEST_TARGETS.items():
         # among points run with several seeds: a one-seed try is listed, but its best point would be chosen by noise
-        best = max(((n, s[sparsity]) for n, s in candidates.items() if sparsity in s and s[sparsity][4] > 1),
-                   key=lambda x: x[1][0], default=None)
-        if best is None:
-            continue
-        lost = 100 * (dense / 1017 - best[1][0])
-        lines.append(f"- Best WoodFisher configuration at {sparsity:.0%}: {METHODS[best[0]][0]}, "
-                     f"{100 * best[1][0]:.2f}%, {lost:.2f} points lost (target ≤ {allowed:.1f}): "
-                     f"{'met' if lost <= allowed else 'missed'}; one run {best[1][3]:.0f} s (target ≤ 120 s).")
+        runs = [(n, s[sparsity]) for n, s in candidates.items() if sparsity in s and s[sparsity][4] > 1]
+        best = max(runs, key=lambda x: x[1][0], default=None)
+        within = max((r for r in runs if r[1][3] <= MAX_RUN_SECONDS), key=lambda x: x[1][0], default=None)
+        for label, choice in (("", within), (" with any run time", best)):
+            if choice is None:
+                continue
+            name, (accuracy, _, _, seconds, _) = choice
+            lost = 100 * (dense / 1017 - accuracy)
+            lines.append(f"- Best WoodFisher configuration{label} at {sparsity:.0%}: {METHODS[name][0]}, "
+                         f"{100 * accuracy:.2f}%, {lost:.2f} points lost (target ≤ {allowed:.1f}): "
+                         f"{'met' if lost <= allowed else 'missed'}; one run {seconds:.0f} s (target ≤ "
+                         f"{MAX_RUN_SECONDS} s).")
+            if best == within:
+                break
     return lines + [""]
 
 

@@ -43,13 +43,13 @@ def full_batch_dataset(steps):
     return data.with_options(options)
 
 
-def one_shot(strategy, method="woodfisher", fisher_block_size=2000, damping=1e-5):
+def one_shot(strategy, method="woodfisher", fisher_block_size=2000, damping=1e-5, fisher_block_order="flat"):
     """Blocks of 2000 entries: the gradient rows are all-gathered; of 20 (< m/2): Gram sums all-reduced."""
     with strategy.scope():
         model = tfw.models.mlpnet(NPZ)
     report = tfw.one_shot_prune(model, fisher, LOSS, 0.9, method=method, num_gradients=64, fisher_batch_size=2,
-                                fisher_block_size=fisher_block_size, damping=damping, steps=2, strategy=strategy,
-                                verbose=0)
+                                fisher_block_size=fisher_block_size, fisher_block_order=fisher_block_order,
+                                damping=damping, steps=2, strategy=strategy, verbose=0)
     return [w.numpy() for w in model.weights], report.sparsity, [report.gathered_bytes, report.reduced_bytes]
 
 
@@ -118,6 +118,10 @@ if ROLE == "mirrored":
         for method in ("woodtaylor", "diagonal_fisher"):  # WoodTaylor's Newton step needs a larger damping
             weights, _, exchanged = one_shot(strategy, method, 20, damping=0.1)
             reduced.update({f"{method}_{name}": weights, f"exchanged_{method}_{name}": exchanged})
+    for name, strategy in (("mirrored", mirrored), ("single", default)):
+        # chunks of whole output units (800 weights: one 784-weight unit of layer 1, all of layers 2 and 3)
+        weights, _, exchanged = one_shot(strategy, fisher_block_size=800, fisher_block_order="filter")
+        reduced.update({f"filter_{name}": weights, f"exchanged_filter_{name}": exchanged})
     save(**results, **reduced)
 elif ROLE == "disagree":
     worker = json.loads(os.environ["TF_CONFIG"])["task"]["index"]

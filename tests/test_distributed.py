@@ -73,6 +73,12 @@ def test_mirrored_strategy_matches_one_device(tmp_path, mnist_dir, mlpnet_npz):
         assert int(reduced) == payload and int(gathered) < gradient_bytes / 10
         assert list(arrays(result, f"exchanged_{method}_single")) == [0, 0]
         assert_same(arrays(result, f"{method}_mirrored"), arrays(result, f"{method}_single"), atol=1e-5)
+    # Chunks of 800 weights of whole output units (fisher_block_order='filter'), more than m/2: the rows are
+    # all-gathered, and the replicas' blocks of scattered columns give one device's result.
+    gathered, reduced = arrays(result, "exchanged_filter_mirrored")
+    assert gradient_bytes < int(gathered) < gradient_bytes * 1.1 and int(reduced) == 0
+    assert list(arrays(result, "exchanged_filter_single")) == [0, 0]
+    assert_same(arrays(result, "filter_mirrored"), arrays(result, "filter_single"), atol=1e-6)
 
 
 def free_port():

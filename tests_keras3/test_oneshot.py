@@ -60,6 +60,35 @@ def test_one_shot_event_equals_numpy(rng, method):
     assert report.method == method and [layer.name for layer in report.layers] == ["fc/kernel"]
 
 
+def test_filter_order_blocks_hold_whole_output_units(rng):
+    """fisher_block_order='filter' through Keras 3: chunks of 10 weights hold two whole kernel columns (output units
+    of 5 weights), so the blocks are columns {0, 1} and {2}, not the flat ranges 0–9 and 10–14 of the (5, 3) kernel."""
+    model, data, w, grads = softmax_regression(rng)
+    damping, sparsity = 1e-3, 0.6
+    inverse = np.zeros((w.size, w.size))
+    columns = np.arange(w.size).reshape(5, 3).T  # row j: the flat indices of output unit j
+    for block in (columns[:2].ravel(), columns[2]):
+        inverse[np.ix_(block, block)] = np.linalg.inv(damping * np.eye(block.size)
+                                                      + grads[:, block].T @ grads[:, block] / len(grads))
+    pruned = np.argsort(w ** 2 / (2 * np.diag(inverse)))[:round(sparsity * w.size)]
+    direction = np.zeros_like(w)
+    direction[pruned] = w[pruned] / np.diag(inverse)[pruned]
+    expected = w - inverse @ direction
+    expected[pruned] = 0
+
+    tfw3.one_shot_prune(model, data, LOSS, sparsity, num_gradients=len(grads), fisher_batch_size=1, shuffle_buffer=0,
+                        damping=damping, fisher_block_size=10, fisher_block_order="filter", inverse_dtype="float64",
+                        verbose=0)
+    result = model.layers[0].kernel.numpy().ravel()
+    np.testing.assert_array_equal(np.flatnonzero(result == 0), np.sort(pruned))
+    np.testing.assert_allclose(result, expected, rtol=0, atol=2e-5)
+    # the flat order's blocks give another result, so the comparison above tells the two orders apart
+    model.layers[0].kernel.assign(w.reshape(5, 3).astype(np.float32))
+    tfw3.one_shot_prune(model, data, LOSS, sparsity, num_gradients=len(grads), fisher_batch_size=1, shuffle_buffer=0,
+                        damping=damping, fisher_block_size=10, inverse_dtype="float64", verbose=0)
+    assert np.abs(model.layers[0].kernel.numpy().ravel() - expected).max() > 1e-3
+
+
 def test_global_and_layerwise_modes(rng):
     def model():
         m = keras.Sequential([keras.Input((6,)), L.Dense(10, name="a"), L.Dense(3, name="b")])

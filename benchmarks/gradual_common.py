@@ -47,7 +47,8 @@ def make_parser(doc, data_help, full, quick, fixed, quick_help, out_default, cac
         data_help: help of --data-dir.
         full, quick: {dest: default} of the full run and of --quick for sparsities, seeds, methods, epochs,
             frequency and num_gradients (filled in by :func:`finish_args`, so the help names both).
-        fixed: {dest: default} of batch_size, prune_lr, fisher_batch_size, fisher_block_size, damping and steps.
+        fixed: {dest: default} of batch_size, prune_lr, fisher_batch_size, fisher_block_size, damping and steps
+            (and optionally fisher_block_order, default 'flat').
         quick_help: help of --quick.
         out_default, cache_default: default folders of the csv/md/png and of the .tflite files.
 
@@ -83,7 +84,7 @@ def make_parser(doc, data_help, full, quick, fixed, quick_help, out_default, cac
                     help="samples averaged into each gradient")
     wf.add_argument("--fisher-block-size", type=block_size, default=fixed["fisher_block_size"],
                     help="Fisher block size: an int, 'layer' (one block per layer) or 'model' (one block for all)")
-    wf.add_argument("--fisher-block-order", choices=("flat", "filter"), default="flat",
+    wf.add_argument("--fisher-block-order", choices=("flat", "filter"), default=fixed.get("fisher_block_order", "flat"),
                     help="how an int --fisher-block-size cuts a kernel: 'filter' = chunks of whole filters")
     wf.add_argument("--damping", type=float, default=fixed["damping"])
     wf.add_argument("--steps", type=int, default=fixed["steps"], help="Fisher recomputations per pruning event")

@@ -197,6 +197,43 @@ def test_host_blocks_are_the_column_ranges_transposed(dtype):
     np.testing.assert_array_equal(blocks.numpy(), np.transpose(values[:, 3:51].reshape(6, 4, 12), (1, 0, 2)))
 
 
+def test_host_buffers_are_reused_only_when_nothing_refers_to_them():
+    """A pooled buffer comes back only once every tensor and view over it is gone, so a kept result is never
+    overwritten; beyond the pool's size buffers are fresh; and an inverse built with a pool equals one without."""
+    from tf_woodfisher.fisher.host import HostBuffers, shared_tensor
+
+    pool = HostBuffers(max_bytes=2 * 6 * 10 * 4)
+    first = pool.empty((6, 10), tf.float32)
+    first[:] = 1.0
+    kept = shared_tensor(first, tf.float32)
+    address = first.ctypes.data
+    del first
+    second = pool.empty((6, 10), tf.float32)  # `kept` still uses the first buffer: a new one
+    assert second.ctypes.data != address and second.ctypes.data % 64 == 0
+    second[:] = 2.0
+    np.testing.assert_array_equal(kept.numpy(), np.ones((6, 10)))
+    view = np.asarray(kept)[2:]  # a NumPy view of the tensor's memory keeps the buffer taken too
+    del kept, second
+    assert pool.empty((6, 10), tf.float32).ctypes.data != address
+    del view
+    assert pool.empty((6, 10), tf.float32).ctypes.data == address  # nothing refers to it any more: reused
+    taken = [pool.empty((6, 10), tf.float32) for _ in range(3)]  # the pool holds two: the third is not kept
+    assert len({a.ctypes.data for a in taken}) == 3 and pool.empty((6, 10), tf.float16).dtype == np.float16
+
+    rng = np.random.default_rng(3)
+    gradients = tf.constant(rng.normal(size=(8, 90)).astype(np.float32))
+    partition = BlockPartition.from_segments([90], 20)
+    expected = InverseFisher.from_gradients(gradients, partition, 1e-2)
+    pool = HostBuffers()
+    for _ in range(2):  # the second event takes the first one's blocks again
+        got = InverseFisher.from_gradients(gradients, partition, 1e-2, buffers=pool)
+        np.testing.assert_allclose(got.diagonal().numpy(), expected.diagonal().numpy(), rtol=1e-6)
+        vector = tf.constant(rng.normal(size=90).astype(np.float32))
+        np.testing.assert_allclose(got.matvec(vector).numpy(), expected.matvec(vector).numpy(), rtol=1e-5,
+                                   atol=1e-5)
+        del got
+
+
 def test_filter_order_chunks_hold_whole_output_units():
     """Aligned to output_unit_groups, chunks of c hold max(1, c // s) whole filters of s weights each, in filter
     order: the blocks of the kernel transposed to (c_out, ...) and cut into consecutive runs of whole filters."""

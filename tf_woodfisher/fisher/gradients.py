@@ -462,7 +462,8 @@ def collect_gradients(*args, **kwargs) -> tf.Tensor:
 
 def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients, fisher_batch_size=1, mask=None,
                              seed=0, shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, chunk_gradients=None, on_chunk=None,
-                             executor=None, dtype=tf.float32, reduce_blocks=None, batched=None, gradient_fn=None):
+                             executor=None, dtype=tf.float32, reduce_blocks=None, batched=None, gradient_fn=None,
+                             buffers=None):
     """Masked gradients as one (num_gradients, size) matrix per variable.
 
     Assembled one variable at a time (never two copies of all of them).
@@ -493,6 +494,8 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
             from the model's input ranks with :func:`resolve_batched`; None raises ValueError).
         gradient_fn: the compiled :func:`make_gradient_fn` of (forward, variables, fisher_loss(loss_fn,
             dataset)), to reuse one across events (None: compiled here).
+        buffers: a :class:`~tf_woodfisher.fisher.host.HostBuffers` pool for the (num_gradients, size) row
+            buffers, to reuse one across events (None: fresh buffers).
 
     Returns:
         A list, per variable, of a (num_gradients, size) tensor of ``dtype`` or a :class:`BlockGrams`.
@@ -520,8 +523,9 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
     gathered = [i for i, block in enumerate(reduce_blocks) if block is None]
     reduced = [i for i, block in enumerate(reduce_blocks) if block is not None]
     # Rows go into one NumPy buffer per variable, which becomes a tensor without a copy: the largest
-    # buffers of an event stay out of TensorFlow's caching allocator and are returned when freed.
-    buffers = {i: aligned_empty((num_gradients, sizes[i]), dtype) for i in gathered}
+    # buffers of an event stay out of TensorFlow's caching allocator and are returned when freed (or pooled).
+    allocate = buffers.empty if buffers is not None else aligned_empty
+    outputs = {i: allocate((num_gradients, sizes[i]), dtype) for i in gathered}
     # float32 rows are masked straight into the buffers by NumPy (one pass, from a view of the tensor's memory);
     # a mask of ones is skipped. Other dtypes are cast (and counted) by TensorFlow first.
     host_masks = {i: _host_mask(masks[i]) for i in gathered} if dtype == tf.float32 else None
@@ -537,12 +541,12 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
             chunk = executor.gather(tuple(rows[i] for i in gathered), count)
             if host_masks is not None:
                 for i, piece in zip(gathered, chunk):
-                    non_finite[i] += _store_rows(buffers[i][done:done + count], piece, host_masks[i])
+                    non_finite[i] += _store_rows(outputs[i][done:done + count], piece, host_masks[i])
             else:
                 stored, bad = _masked_rows(chunk, [masks[i] for i in gathered], dtype)
                 non_finite[gathered] += bad.numpy()
                 for i, piece in zip(gathered, stored):
-                    buffers[i][done:done + count] = np.asarray(piece)
+                    outputs[i][done:done + count] = np.asarray(piece)
         if reduced:
             sums = executor.run(_accumulate_sums, sums, tuple(rows[i] for i in reduced),
                                 tuple(masks[i] for i in reduced), tuple(reduce_blocks[i] for i in reduced))
@@ -556,7 +560,7 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
             f"the Fisher dataset is {'empty' if have == 0 else 'too small'}: it gave {have} usable samples, "
             f"but num_gradients × fisher_batch_size = {num_gradients} × {fisher_batch_size} = {needed} are needed"
         )
-    columns = {i: shared_tensor(buffer, dtype) for i, buffer in buffers.items()}
+    columns = {i: shared_tensor(buffer, dtype) for i, buffer in outputs.items()}
     if reduced:
         totals = executor.reduce_sum(sums)
         for i, (full, rest, gradient_sum) in zip(reduced, totals):

@@ -127,7 +127,7 @@ class InverseFisher:
 
     @classmethod
     def from_gradients(cls, gradients, partition, damping, dtype=tf.float32, form="auto", on_group=None,
-                       executor=None):
+                       executor=None, buffers=None):
         """Factorise every block of F = λI + (1/m) GᵀG.
 
         A group whose Cholesky factorisation fails (or gives a non-finite or non-positive diagonal) is
@@ -148,6 +148,8 @@ class InverseFisher:
             executor: a :mod:`~tf_woodfisher.fisher.distributed` executor (default: that of the current
                 ``tf.distribute`` strategy); with several replicas each factorises its share of every group's
                 blocks and diagonals and products are all-gathered.
+            buffers: a :class:`~tf_woodfisher.fisher.host.HostBuffers` pool for the (K, m, c) blocks cut from
+                the gradients' column ranges, to reuse one across events (None: fresh buffers).
 
         Returns:
             The :class:`InverseFisher`.
@@ -182,7 +184,7 @@ class InverseFisher:
                 grams = _group_grams(pieces, offsets, group, dtype)
                 solved.append(_solve_group(grams, "explicit", float(damping), dtype, executor, num_gradients=m))
             else:
-                blocks = _group_blocks(pieces, offsets, group, dtype)
+                blocks = _group_blocks(pieces, offsets, group, dtype, buffers)
                 group_form = choose_form(m, group.block_size) if form == "auto" else form
                 solved.append(_solve_group(blocks, group_form, float(damping), dtype, executor))
             if on_group is not None:
@@ -359,7 +361,7 @@ def _one_group_per_piece(partition, offsets):
     return dataclasses.replace(partition, groups=tuple(groups))
 
 
-def _group_blocks(pieces, offsets, group, dtype):
+def _group_blocks(pieces, offsets, group, dtype, buffers=None):
     """The (K, m, c) blocks of ``group`` in ``dtype``, taken piece by piece (see :func:`_piece_blocks`).
 
     Blocks spanning several pieces (block_size='model' over a list) or out of order are gathered from
@@ -368,11 +370,11 @@ def _group_blocks(pieces, offsets, group, dtype):
     owner = _owners(offsets, group)
     if _spans_pieces(offsets, group, owner) or np.any(np.diff(owner) < 0):
         pieces, offsets, owner = [tf.concat(pieces, axis=1)], offsets[[0, -1]], np.zeros_like(owner)
-    parts = [_piece_blocks(pieces[j], group.indices[owner == j] - offsets[j]) for j in np.unique(owner)]
+    parts = [_piece_blocks(pieces[j], group.indices[owner == j] - offsets[j], buffers) for j in np.unique(owner)]
     return tf.cast(parts[0] if len(parts) == 1 else tf.concat(parts, axis=0), dtype)
 
 
-def _piece_blocks(piece, indices):
+def _piece_blocks(piece, indices, buffers=None):
     """(K, m, c) blocks of one (m, n) piece, indices (K, c) local to it: consecutive columns are a reshape
     of a column range (no copy at all for a single block over the whole piece), others a gather."""
     m, (count, size) = int(piece.shape[0]), indices.shape
@@ -380,7 +382,7 @@ def _piece_blocks(piece, indices):
         return tf.transpose(tf.gather(piece, indices, axis=1), [1, 0, 2])
     begin = int(indices[0, 0])
     if count > 1 and on_host(piece):  # one pass instead of TensorFlow's copy of the range, then its transpose
-        return transposed_blocks(piece, begin, count, size)
+        return transposed_blocks(piece, begin, count, size, buffers)
     columns = piece if indices.size == piece.shape[1] else piece[:, begin:begin + indices.size]
     if count == 1:
         return tf.reshape(columns, [1, m, size])

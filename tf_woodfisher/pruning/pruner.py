@@ -22,6 +22,7 @@ from tf_woodfisher.fisher.blocks import BlockPartition, group_sizes, output_unit
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.gradients import collect_gradient_columns, fisher_loss, make_gradient_fn
 from tf_woodfisher.fisher.grams import gradient_moments, reduced_block_size
+from tf_woodfisher.fisher.host import HostBuffers
 from tf_woodfisher.fisher.memory import GRADIENT_DTYPES, EventShape, plan_memory
 from tf_woodfisher.fisher.woodbury import InverseFisher
 from tf_woodfisher.pruning import diagnostics as loss_diagnostics
@@ -166,6 +167,7 @@ class Pruner:
         self.plan = plan_memory(event_shape(config, self.segments), config.max_memory) \
             if config.needs_gradients else None
         self._gradient_fns = {}  # stage → compiled gradient function, reused by every event of this Pruner
+        self._buffers = HostBuffers()  # the gradient rows and their blocks, reused by the next event
         self._diagnosis = None  # diagnostics=True: the current event's EventDiagnosis (pruning/diagnostics.py)
         if config.diagnostics:
             loss_diagnostics.check_supported(config, self.executor.num_replicas, self.plan)
@@ -355,7 +357,7 @@ class Pruner:
                 config.fisher_batch_size, self._columns(mask, stage), seed, config.shuffle_buffer,
                 on_chunk=progress.gradient_hook(), executor=self.executor, dtype=config.gradient_dtype,
                 reduce_blocks=self.reduced_block_sizes(stage), batched=problem.batched,
-                gradient_fn=self._gradient_fn(stage))
+                gradient_fn=self._gradient_fn(stage), buffers=self._buffers)
         if self._diagnosis is not None:
             self._diagnosis.record(self.offsets[begin], columns, seed, self._block_groups(begin, end))
         with timer("inverse"):
@@ -364,7 +366,8 @@ class Pruner:
                 partition = BlockPartition.from_segments(  # every structure group (or filter) inside one block
                     self.segments[begin:end], config.fisher_block_size, groups=self._block_groups(begin, end))
                 inverse = InverseFisher.from_gradients(columns, partition, config.damping, config.inverse_dtype,
-                                                       on_group=progress.advance, executor=self.executor)
+                                                       on_group=progress.advance, executor=self.executor,
+                                                       buffers=self._buffers)
             moments = gradient_moments(columns) if config.method in MOMENT_METHODS else None
             return scoring.FisherStatistics.for_method(config.method, config.damping, inverse, moments)
 

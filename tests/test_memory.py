@@ -1,4 +1,5 @@
 """The memory planner: estimates, plans, errors; streamed pruning events against one-pass events."""
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -45,6 +46,42 @@ def test_estimates_scale_with_m_d_and_dtype():
     assert memory.group_bytes("lowrank", 1, 128, 10_000, 4)[0] == pytest.approx(2 * lowrank, rel=0.05)
     explicit = memory.group_bytes("explicit", 1, 1000, 1000, 4)[0]
     assert memory.group_bytes("explicit", 1, 1000, 2000, 4)[0] > 3 * explicit
+
+
+@pytest.mark.parametrize("block", [1, 5, 36, 80, 200, 10_000])
+def test_group_sizes_of_filter_chunks_match_the_partition(block):
+    """The planner's blocks with fisher_block_order='filter' are those BlockPartition builds from the output units:
+    max(1, c // s) units of s weights a chunk, a unit larger than c on its own (then blocks exceed c)."""
+    from tf_woodfisher.fisher.blocks import BlockPartition, output_unit_groups, output_unit_size
+
+    shapes = [(3, 3, 4, 6), (3, 3, 6, 5), (40, 7), (7,)]
+    sizes = [int(np.prod(s)) for s in shapes]
+    partition = BlockPartition.from_segments(sizes, block, groups=[output_unit_groups(s) for s in shapes])
+    built = {g.block_size: g.num_blocks for g in partition.groups}
+    assert group_sizes(sizes, block, [output_unit_size(s) for s in shapes]) == built
+    assert [output_unit_size(s) for s in shapes] == [36, 54, 40, 1]
+    if block == 5:  # units of 36, 54 and 40 weights: blocks of 36, 54 and 40, not the flat plan's 5
+        assert max(built) == 54 and max(group_sizes(sizes, block)) == 5
+    with pytest.raises(ValueError, match="does not divide"):
+        group_sizes([10], 4, [3])
+
+
+def test_filter_chunks_are_planned_as_gathered_blocks_of_whole_units(mlpnet_npz, fisher_data):
+    """The Pruner plans the blocks it builds: with 'filter' chunks of 100, MLPNet's 784-weight units are single
+    blocks of 784 (explicit c × c inverses at m = 1,000), so the estimate is far above the flat chunks' one."""
+    estimates = {}
+    for order in ("flat", "filter"):
+        config = tfw.WoodFisherConfig(num_gradients=1000, fisher_block_size=100, fisher_block_order=order)
+        model = tfw.models.mlpnet(mlpnet_npz)
+        with pytest.warns(RuntimeWarning) if order == "filter" else contextlib.nullcontext():
+            pruner = Pruner(keras_problem(model, tfw.find_prunable_weights(model), fisher_data, LOSS, config), config)
+        estimates[order] = pruner.plan.peak_bytes
+        assert pruner.plan.shape.unit_sizes == ((784, 40, 20) if order == "filter" else None)
+    unit_blocks = memory.inverse_bytes(MLPNET, 100, 1000, 4, unit_sizes=(784, 40, 20))[0]
+    # layer 1: 40 units of 784; layer 2: 20 units of 40, two a chunk; layer 3: 10 units of 20, five a chunk
+    assert unit_blocks == memory.inverse_bytes([784] * 40 + [80] * 10 + [100] * 2, None, 1000, 4, views=False)[0]
+    stored = 1000 * sum(MLPNET) * 4  # the float32 gradients, alive while the inverse is built
+    assert estimates["filter"] >= stored + unit_blocks > estimates["flat"]
 
 
 def test_one_pass_when_it_fits_else_stages():

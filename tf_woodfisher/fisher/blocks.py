@@ -49,7 +49,7 @@ def segment_chunks(size, block_size):
     return [(step, full)] + ([(rest, 1)] if rest else [])
 
 
-def group_sizes(segment_sizes, block_size):
+def group_sizes(segment_sizes, block_size, unit_sizes=None):
     """{block size c: number of blocks K} of the partition of ``segment_sizes``, as BlockPartition groups them.
 
     Computed without building the indices (the memory planner's view).
@@ -58,19 +58,32 @@ def group_sizes(segment_sizes, block_size):
         segment_sizes: entries of each segment (one per weight tensor), ints ≥ 1.
         block_size: None (one block per segment), an int ≥ 1 (chunks of that many entries, never crossing a
             segment boundary) or ``'model'`` (one block of all entries).
+        unit_sizes: None, or per segment the entries of each of its equal groups when an int ``block_size``
+            chunks hold whole groups (the output units of ``fisher_block_order='filter'``, see
+            :func:`output_unit_groups`): chunks of max(1, c // s) units of s entries, as
+            ``from_segments(groups=...)`` cuts them.
 
     Returns:
         A dict mapping block size c (entries) to the number K of blocks of that size.
 
     Raises:
-        ValueError: a bad ``block_size`` (see :func:`validate_block_size`).
+        ValueError: a bad ``block_size`` (see :func:`validate_block_size`), or unit sizes that do not divide
+            their segments.
     """
     validate_block_size(block_size)
     if block_size == "model":
         return {int(sum(segment_sizes)): 1}
     groups = {}
-    for size in segment_sizes:
-        for length, count in segment_chunks(int(size), block_size):
+    aligned = unit_sizes is not None and block_size is not None
+    for number, size in enumerate(segment_sizes):
+        if aligned:
+            unit = int(unit_sizes[number])
+            if unit < 1 or size % unit:
+                raise ValueError(f"unit size {unit} does not divide segment {number} of {size} entries")
+            chunks = [(units * unit, count) for units, count in group_chunks(size // unit, unit, block_size)]
+        else:
+            chunks = segment_chunks(int(size), block_size)
+        for length, count in chunks:
             groups[length] = groups.get(length, 0) + count
     return groups
 
@@ -92,6 +105,13 @@ def output_unit_groups(shape):
     size = int(np.prod(shape, dtype=np.int64))
     entries = np.arange(size, dtype=np.int64)
     return entries % shape[-1] if len(shape) >= 2 else entries
+
+
+def output_unit_size(shape):
+    """Entries of each output unit of a weight of ``shape`` (see :func:`output_unit_groups`): the product of all
+    axes but the last for rank ≥ 2, else 1."""
+    shape = [int(s) for s in shape]
+    return int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) >= 2 else 1
 
 
 def lowrank_flops(m, c):
@@ -246,10 +266,17 @@ def _aligned_chunks(group_of, size, block_size):
     for length in sorted(set(counts[counts > 0].tolist()), reverse=True):
         numbers = np.flatnonzero(counts == length)
         entries = members[starts[numbers][:, None] + np.arange(length)]  # (groups of this size, length)
-        per_chunk = max(1, block_size // length)
-        full = len(numbers) // per_chunk * per_chunk
-        if full:
-            chunks.append(entries[:full].reshape(-1, per_chunk * length))
-        if full < len(numbers):
-            chunks.append(entries[full:].reshape(1, -1))
+        full = 0
+        for chunk_groups, count in group_chunks(len(numbers), length, block_size):
+            chunks.append(entries[full:full + chunk_groups * count].reshape(count, chunk_groups * length))
+            full += chunk_groups * count
     return chunks
+
+
+def group_chunks(num_groups, length, block_size):
+    """[(groups per chunk, number of chunks), ...] of ``num_groups`` groups of ``length`` entries each, packed
+    max(1, block_size // length) to a chunk, the remainder in one shorter chunk (the rule of chunks of whole
+    groups: :meth:`BlockPartition.from_segments` with ``groups=``, and the planner's :func:`group_sizes`)."""
+    per_chunk = max(1, int(block_size) // int(length))
+    full, rest = divmod(int(num_groups), per_chunk)
+    return [(per_chunk, full)] * bool(full) + [(rest, 1)] * bool(rest)

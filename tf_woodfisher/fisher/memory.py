@@ -15,6 +15,7 @@ the choice of form come from :mod:`blocks`, as in the engine.
 import dataclasses
 import os
 import re
+from typing import Optional
 
 import numpy as np
 
@@ -148,7 +149,7 @@ def group_bytes(form, num_blocks, m, c, itemsize, copied=True):
     return itemsize * (gathered + 3 * square), itemsize * (square + num_blocks * c), 0
 
 
-def inverse_bytes(segment_sizes, block_size, m, itemsize, views=True):
+def inverse_bytes(segment_sizes, block_size, m, itemsize, views=True, unit_sizes=None):
     """(peak, kept, viewed) bytes of the inverse of tensors of ``segment_sizes`` entries.
 
     Built group by group, largest blocks first (as InverseFisher does).
@@ -160,13 +161,16 @@ def inverse_bytes(segment_sizes, block_size, m, itemsize, views=True):
         itemsize: bytes per entry in the inverse's dtype.
         views: blocks that are whole tensors are views of their gradients (given per tensor, in the
             inverse's dtype), one group each, never copies.
+        unit_sizes: None, or per tensor the entries of its output units when chunks hold whole units
+            (:func:`~tf_woodfisher.fisher.blocks.group_sizes`); such blocks are gathered copies, never views.
 
     Returns:
         ``(peak, kept, viewed)`` in bytes: the peak while building, what the inverse keeps, and the gradient
         bytes its views keep alive.
     """
     peak = kept = viewed = 0
-    groups = group_sizes(segment_sizes, block_size)
+    groups = group_sizes(segment_sizes, block_size, unit_sizes)
+    views = views and unit_sizes is None
     for c in sorted(groups, reverse=True):
         whole = views and groups[c] == sum(size == c for size in segment_sizes)  # every block of size c
         for count in [1] * groups[c] if whole else [groups[c]]:
@@ -190,6 +194,8 @@ class EventShape:
         needs_inverse: WoodFisher / WoodTaylor.
         needs_update: the OBS update reads the inverse again after the scores.
         needs_moments: the mean (WoodTaylor) or mean square (diagonal Fisher) of the gradients.
+        unit_sizes: None, or per tensor the entries of one output unit when int-size chunks hold whole units
+            (``fisher_block_order='filter'``: blocks of max(1, c // s) units, gathered, never views).
 
     Raises:
         ValueError: an unknown ``gradient_dtype`` or ``inverse_dtype``.
@@ -203,6 +209,7 @@ class EventShape:
     needs_inverse: bool = True  # WoodFisher / WoodTaylor
     needs_update: bool = True  # the OBS update reads the inverse again after the scores
     needs_moments: bool = False  # the mean (WoodTaylor) or mean square (diagonal Fisher) of the gradients
+    unit_sizes: Optional[tuple] = None  # per tensor, entries of an output unit ('filter' chunks), or None
 
     def __post_init__(self):
         if self.gradient_dtype not in GRADIENT_DTYPES:
@@ -250,8 +257,9 @@ class EventShape:
         moments = 2 * m * dim * 4 if self.needs_moments else 0  # the float32 matrix and its squares or mean
         if not self.needs_inverse:
             return max(collect, stored + moments), 0
+        units = None if self.unit_sizes is None else self.unit_sizes[begin:end]
         peak, kept, viewed = inverse_bytes(sizes, self.fisher_block_size, m, COMPUTE_DTYPES[self.inverse_dtype],
-                                           views=self.gradient_dtype == self.inverse_dtype)
+                                           views=self.gradient_dtype == self.inverse_dtype, unit_sizes=units)
         return max(collect, stored + max(peak, kept + moments)), kept + viewed
 
 

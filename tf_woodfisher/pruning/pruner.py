@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_woodfisher.config import LAYERWISE_METHODS, WoodFisherConfig, validate_sparsity
-from tf_woodfisher.fisher.blocks import BlockPartition, group_sizes, output_unit_groups
+from tf_woodfisher.fisher.blocks import BlockPartition, group_sizes, output_unit_groups, output_unit_size
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.gradients import collect_gradient_columns, fisher_loss, make_gradient_fn
 from tf_woodfisher.fisher.grams import gradient_moments, reduced_block_size
@@ -58,12 +58,15 @@ class PruningProblem:
     make_gradient_fn: Callable = make_gradient_fn
 
 
-def event_shape(config: WoodFisherConfig, segment_sizes: Sequence[int]) -> EventShape:
+def event_shape(config: WoodFisherConfig, segment_sizes: Sequence[int],
+                unit_sizes: Optional[Sequence[int]] = None) -> EventShape:
     """The memory planner's view of an event of ``config`` on tensors of ``segment_sizes`` entries.
 
     Args:
         config: the event's validated configuration.
         segment_sizes: entries of each pruned tensor, in order.
+        unit_sizes: with ``fisher_block_order='filter'``, the entries of each tensor's output units (the
+            chunks hold whole units); None otherwise.
 
     Returns:
         The :class:`~tf_woodfisher.fisher.memory.EventShape` (moments needed for diagonal Fisher and
@@ -71,7 +74,8 @@ def event_shape(config: WoodFisherConfig, segment_sizes: Sequence[int]) -> Event
     """
     return EventShape(tuple(segment_sizes), config.num_gradients, config.fisher_block_size, config.gradient_dtype,
                       config.inverse_dtype, needs_inverse=config.needs_inverse, needs_update=config.update,
-                      needs_moments=config.method in MOMENT_METHODS)
+                      needs_moments=config.method in MOMENT_METHODS,
+                      unit_sizes=None if unit_sizes is None else tuple(int(u) for u in unit_sizes))
 
 
 def fisher_seed(seed: int, *indices: int) -> int:
@@ -164,7 +168,10 @@ class Pruner:
                               f"weights than fisher_block_size={config.fisher_block_size}; each of their units is "
                               "one Fisher block of that many weights", RuntimeWarning, stacklevel=3)
         self.offsets = np.cumsum([0] + self.segments)
-        self.plan = plan_memory(event_shape(config, self.segments), config.max_memory) \
+        # chunks of whole output units ('filter'; a structure's aligned groups are small and not counted)
+        self._unit_sizes = [output_unit_size(t.shape) for t in self.targets] \
+            if config.fisher_block_order == "filter" else None
+        self.plan = plan_memory(event_shape(config, self.segments, self._unit_sizes), config.max_memory) \
             if config.needs_gradients else None
         self._gradient_fns = {}  # stage → compiled gradient function, reused by every event of this Pruner
         self._buffers = HostBuffers()  # the gradient rows and their blocks, reused by the next event
@@ -201,7 +208,9 @@ class Pruner:
         if self.plan is None:
             return 1
         builds = self.plan.gradient_passes // len(self.stages) if self.config.needs_inverse else 0
-        groups = sum(len(group_sizes(self.segments[b:e], self.config.fisher_block_size)) for b, e in self.stages)
+        groups = sum(len(group_sizes(self.segments[b:e], self.config.fisher_block_size,
+                                     None if self._unit_sizes is None else self._unit_sizes[b:e]))
+                     for b, e in self.stages)
         return self.plan.gradient_passes * self.config.num_gradients + builds * groups + 1
 
     def prune_to(self, sparsity: float, seed: int = 0,

@@ -55,8 +55,7 @@ METHODS = {
     "diagonal_fisher_5085": ("diagonal Fisher, m = 5,085 (every training image)",
                              dict(method="diagonal_fisher", num_gradients=5085, fisher_batch_size=1), dict(seeds=1)),
     "woodfisher_authors": ("WoodFisher, authors' (m = 1,000, λ = 1e-5, a block per layer, 1 step)", AUTHORS, {}),
-    **{f"woodfisher_chunk_{c}": (f"WoodFisher, authors' with chunks of {c:,} (1 seed)",
-                                 dict(AUTHORS, fisher_block_size=c), dict(seeds=1))
+    **{f"woodfisher_chunk_{c}": (f"WoodFisher, authors' with chunks of {c:,}", dict(AUTHORS, fisher_block_size=c), {})
        for c in (20, 100, 576, 1000, 5000, 12288)},
     # chunks of whole filters (the authors' PyTorch chunks of (c_out, c_in, kh, kw) kernels hold whole filters;
     # Keras' (kh, kw, c_in, c_out) flat chunks cut across them): 576 = 1, 2 or 4 filters of ResNet-20's 3×3 convs

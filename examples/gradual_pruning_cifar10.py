@@ -28,7 +28,7 @@ exported with ``tfw.export_tflite`` (float32, sparse=True), verified on the test
 gradual_cifar10.csv (one row per run), gradual_cifar10.md (tables, with the command at the top) and
 gradual_cifar10.png (accuracy and ``.tflite`` size against sparsity) to --out.
 
-    python examples/gradual_pruning_cifar10.py              # 80/90/95 %, 3 seeds (about 45 min on 2 busy cores)
+    python examples/gradual_pruning_cifar10.py              # 80/90/95 %, 3 seeds (about 25 min on 2 cores with AVX-512)
     python examples/gradual_pruning_cifar10.py --quick --out /tmp/gradual   # smoke test, about a minute
 """
 import os

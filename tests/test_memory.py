@@ -121,6 +121,8 @@ def pruned_weights(mlpnet_npz, data, config, keep_inverse=None, progress=None):
         assert pruner.plan.streamed
         pruner.plan = dataclasses.replace(pruner.plan, keep_inverse=keep_inverse)
     pruner.prune_to(0.9, on_progress=progress.append if progress is not None else None)
+    # a streamed plan's stages keep no host buffers between them (their shapes differ: the budget would not hold)
+    assert (pruner._buffers.max_bytes == 0) == pruner.plan.streamed
     if progress is not None:
         assert progress == sorted(progress) and progress[-1] == pruner.work_units()
     return [w.variable.numpy() for w in pruner.targets]

@@ -174,7 +174,9 @@ class Pruner:
         self.plan = plan_memory(event_shape(config, self.segments, self._unit_sizes), config.max_memory) \
             if config.needs_gradients else None
         self._gradient_fns = {}  # stage → compiled gradient function, reused by every event of this Pruner
-        self._buffers = HostBuffers()  # the gradient rows and their blocks, reused by the next event
+        # the gradient rows and their blocks, reused by the next event; none kept when the plan streams stages,
+        # whose buffers differ in shape and must not stay allocated next to the following stage's
+        self._buffers = HostBuffers(0 if self.plan is not None and self.plan.streamed else None)
         self._diagnosis = None  # diagnostics=True: the current event's EventDiagnosis (pruning/diagnostics.py)
         if config.diagnostics:
             loss_diagnostics.check_supported(config, self.executor.num_replicas, self.plan)

@@ -159,18 +159,18 @@ class Pruner:
             warnings.warn(f"fisher_block_size={config.fisher_block_size} is larger than every prunable tensor "
                           f"(largest: {max(self.segments)}); each tensor is one block, as with fisher_block_size=None",
                           RuntimeWarning, stacklevel=3)
-        if config.fisher_block_order == "filter":
-            large = [f"{t.name} ({t.size // t.shape[-1]})" for t in self.targets
-                     if len(t.shape) >= 2 and t.size // t.shape[-1] > config.fisher_block_size]
+        # chunks of whole output units ('filter'; a structure's aligned groups are small and not counted)
+        self._unit_sizes = [output_unit_size(t.shape) for t in self.targets] \
+            if config.fisher_block_order == "filter" else None
+        if self._unit_sizes is not None:
+            large = [f"{t.name} ({unit})" for t, unit in zip(self.targets, self._unit_sizes)
+                     if unit > config.fisher_block_size]
             if large:
                 named = ", ".join(large[:4]) + (f" and {len(large) - 4} more tensors" if len(large) > 4 else "")
                 warnings.warn(f"fisher_block_order='filter': the output units of {named} have more "
                               f"weights than fisher_block_size={config.fisher_block_size}; each of their units is "
                               "one Fisher block of that many weights", RuntimeWarning, stacklevel=3)
         self.offsets = np.cumsum([0] + self.segments)
-        # chunks of whole output units ('filter'; a structure's aligned groups are small and not counted)
-        self._unit_sizes = [output_unit_size(t.shape) for t in self.targets] \
-            if config.fisher_block_order == "filter" else None
         self.plan = plan_memory(event_shape(config, self.segments, self._unit_sizes), config.max_memory) \
             if config.needs_gradients else None
         self._gradient_fns = {}  # stage → compiled gradient function, reused by every event of this Pruner

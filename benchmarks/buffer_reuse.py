@@ -19,8 +19,6 @@ import time
 
 import common  # first: imports tf_woodfisher before TensorFlow
 import perf_gradual
-import tensorflow as tf
-import tf_woodfisher as tfw
 from tf_woodfisher.fisher import gradients, woodbury
 
 MODES = {"reuse": "woodfisher", "fresh": "woodfisher_fresh"}
@@ -56,8 +54,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     common.quiet_tensorflow()
     started = time.perf_counter()
-    x, y = tfw.data.load_mnist("train", common.mnist_dir(args.data_dir), shuffle_seed=0)
-    fisher = tf.data.Dataset.from_tensor_slices((x, y))
+    x, y, fisher = perf_gradual.fit_data(args.data_dir)
     perf_gradual.fit("woodfisher", x, y, fisher, 0, args.epochs)  # the process's one-time costs
     writes, rows = BufferWrites(), []
     try:

@@ -17,8 +17,6 @@ import time
 
 import common  # first: imports tf_woodfisher before TensorFlow
 import perf_gradual
-import tensorflow as tf
-import tf_woodfisher as tfw
 
 
 def main(argv=None):
@@ -30,8 +28,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     common.quiet_tensorflow()
     started = time.perf_counter()
-    x, y = tfw.data.load_mnist("train", common.mnist_dir(args.data_dir), shuffle_seed=0)
-    fisher = tf.data.Dataset.from_tensor_slices((x, y))
+    x, y, fisher = perf_gradual.fit_data(args.data_dir)
     kinds = [("tfmot", args.epochs), ("woodfisher", args.epochs), ("tfmot", args.long_epochs)]
     perf_gradual.fit("tfmot", x, y, fisher, 0, 1)  # the process's one-time costs, not counted
     rows = []

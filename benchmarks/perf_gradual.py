@@ -68,6 +68,13 @@ def fit(method, x, y, fisher, seed, epochs):
     return end.seconds - started, time.perf_counter() - end.seconds, getattr(callback, "events", [])
 
 
+def fit_data(data_dir=None):
+    """(x, y, fisher) of every fit here: the 5k MNIST training subset (its folder: --data-dir, else
+    $TFW_MNIST_DIR, else ../shared) and the Fisher dataset over the same images."""
+    x, y = tfw.data.load_mnist("train", common.mnist_dir(data_dir), shuffle_seed=0)
+    return x, y, tf.data.Dataset.from_tensor_slices((x, y))
+
+
 def floor_seconds(x, y, repeats=5):
     """Median seconds of one batched gradient of the mean loss of 2,048 samples over the small CNN's kernels."""
     model = tfw.models.small_cnn()
@@ -92,8 +99,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     common.quiet_tensorflow()
     started = time.perf_counter()
-    x, y = tfw.data.load_mnist("train", common.mnist_dir(args.data_dir), shuffle_seed=0)
-    fisher = tf.data.Dataset.from_tensor_slices((x, y))
+    x, y, fisher = fit_data(args.data_dir)
     rows = []
     for repeat in range(args.repeats + 1):
         tfmot_seconds, tfmot_teardown, _ = fit("tfmot", x, y, fisher, repeat, args.epochs)

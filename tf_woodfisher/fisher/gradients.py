@@ -21,6 +21,7 @@ from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.grams import BlockGrams, partial_sums
 from tf_woodfisher.fisher.host import aligned_empty, shared_tensor
 from tf_woodfisher.fisher.memory import default_chunk
+from tf_woodfisher.fisher.samples import cached_chunks
 
 
 def _input_ranks(dataset) -> list:
@@ -179,7 +180,9 @@ def fisher_batches(dataset: tf.data.Dataset, batched: bool, num_gradients: int, 
     Samples are shuffled with ``seed`` in a buffer of ``shuffle_buffer`` (0: no shuffling) and
     num_gradients × fisher_batch_size of them are used. Sample weights are kept with the labels: a
     dataset of (x, y, sample_weight) gives chunks (x, (y, sample_weight)), whose gradients are those of
-    the :func:`fisher_loss` of the loss.
+    the :func:`fisher_loss` of the loss. A small dataset that the shuffle buffer holds whole, and that
+    reads the same samples every time, is read once and kept in memory for later calls
+    (:func:`~tf_woodfisher.fisher.samples.cached_chunks`): the same samples in the same order.
 
     Args:
         dataset: a ``tf.data.Dataset`` yielding (x, y) or (x, y, sample_weight), batched or not.
@@ -203,15 +206,18 @@ def fisher_batches(dataset: tf.data.Dataset, batched: bool, num_gradients: int, 
     spec = dataset.element_spec
     if not isinstance(spec, tuple) or len(spec) not in (2, 3):
         raise ValueError(f"the Fisher dataset must yield (x, y) or (x, y, sample_weight) tuples, got {spec}")
-    if batched:
-        dataset = dataset.unbatch()
-    if shuffle_buffer:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
-    # One batching stage of chunk_gradients × fisher_batch_size samples; each chunk is cut into its groups
-    # eagerly (FisherChunks): the same chunks as .batch(fisher_batch_size, drop_remainder=True)
-    # .batch(chunk_gradients) at a fraction of the per-sample cost, and no function for tf.data to trace at
-    # every event (a map and a filter cost more than the gradients of a small model).
-    chunks = dataset.take(num_gradients * fisher_batch_size).batch(chunk_gradients * fisher_batch_size)
+    count, chunk = num_gradients * fisher_batch_size, chunk_gradients * fisher_batch_size
+    chunks = cached_chunks(dataset, batched, count, chunk, seed, shuffle_buffer) if shuffle_buffer else None
+    if chunks is None:
+        if batched:
+            dataset = dataset.unbatch()
+        if shuffle_buffer:
+            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+        # One batching stage of chunk_gradients × fisher_batch_size samples; each chunk is cut into its groups
+        # eagerly (FisherChunks): the same chunks as .batch(fisher_batch_size, drop_remainder=True)
+        # .batch(chunk_gradients) at a fraction of the per-sample cost, and no function for tf.data to trace at
+        # every event (a map and a filter cost more than the gradients of a small model).
+        chunks = dataset.take(count).batch(chunk)
     return FisherChunks(chunks, fisher_batch_size, weighted=len(spec) == 3)
 
 
@@ -219,8 +225,8 @@ class FisherChunks:
     """The chunks of :func:`fisher_batches`: an iterable (each pass reads the same samples) of eager (x, y).
 
     Args:
-        chunks: a ``tf.data.Dataset`` of (x, y[, sample_weight]) batches of chunk × ``group`` samples (the
-            last may hold fewer).
+        chunks: an iterable (a ``tf.data.Dataset``, a :class:`~tf_woodfisher.fisher.samples.GatheredChunks`) of
+            (x, y[, sample_weight]) batches of chunk × ``group`` samples (the last may hold fewer).
         group: samples per group (``fisher_batch_size``).
         weighted: whether elements carry sample weights (they are then nested with the labels).
     """

@@ -22,6 +22,7 @@ import time
 import common  # first: imports tf_woodfisher before TensorFlow
 import numpy as np
 import tf_woodfisher.fisher.host as host
+import tf_woodfisher.fisher.samples as samples
 import perf_common
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
@@ -42,17 +43,21 @@ class _TrainEnd(keras.callbacks.Callback):
 
 def fit(method, x, y, fisher, seed, epochs):
     """(fit seconds to on_train_end, teardown seconds, events) of one gradual run of ``method`` ('tfmot',
-    'woodfisher', or 'woodfisher_fresh': its events' host buffers are fresh each time, a ``HostBuffers`` pool of
-    size 0, for the A/B of ``buffer_reuse.py``) from fresh weights. The teardown (``model.fit`` returning after
-    ``on_train_end``) is timed apart: there TensorFlow 2.21 destroys the training data's iterator, which can wait
-    for one of its threads for tens of seconds after a long fit, whatever the pruning method (see BENCHMARKS.md
-    §5)."""
-    if method == "woodfisher_fresh":
-        saved, host.REUSED_BUFFER_BYTES = host.REUSED_BUFFER_BYTES, 0  # read when the Pruner makes its pool
+    'woodfisher', 'woodfisher_fresh': its events' host buffers are fresh each time, a ``HostBuffers`` pool of
+    size 0, for the A/B of ``buffer_reuse.py``, or 'woodfisher_tfdata': its events read the Fisher samples through
+    tf.data, none kept in memory, for the A/B of ``sample_cache.py``) from fresh weights. The teardown
+    (``model.fit`` returning after ``on_train_end``) is timed apart: there TensorFlow 2.21 destroys the training
+    data's iterator, which can wait for one of its threads for tens of seconds after a long fit, whatever the
+    pruning method (see BENCHMARKS.md §5)."""
+    if method in ("woodfisher_fresh", "woodfisher_tfdata"):
+        module, name = (host, "REUSED_BUFFER_BYTES") if method == "woodfisher_fresh" else \
+            (samples, "CACHED_SAMPLE_BYTES")  # the pool's limit is read when the Pruner makes it; the other per event
+        saved = getattr(module, name)
+        setattr(module, name, 0)
         try:
             return fit("woodfisher", x, y, fisher, seed, epochs)
         finally:
-            host.REUSED_BUFFER_BYTES = saved
+            setattr(module, name, saved)
     keras.utils.set_random_seed(seed)
     base = tfw.models.small_cnn()
     if method == "tfmot":

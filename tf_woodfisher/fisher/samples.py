@@ -13,10 +13,12 @@ import math
 import weakref
 from typing import Iterator, Optional
 
+import numpy as np
 import tensorflow as tf
 
 
 CACHED_SAMPLE_BYTES = 2 ** 28  # the largest Fisher dataset (unbatched, in bytes) kept in memory between events
+COMPARED_SAMPLES = 1024  # samples per part of the second pass, compared with the first
 
 
 def cached_chunks(dataset: tf.data.Dataset, batched: bool, count: int, chunk: int, seed: int,
@@ -133,10 +135,15 @@ def _size(dataset, batched) -> Optional[tuple]:
 def _read(dataset, batched) -> Optional[_Samples]:
     """The samples of ``dataset`` stacked, or None when two passes over it differ."""
     count = _size(dataset, batched)[0]
-    stacked = (dataset.unbatch() if batched else dataset).batch(count)
-    first, second = (tf.nest.flatten(stacked.get_single_element()) for _ in range(2))
+    unbatched = dataset.unbatch() if batched else dataset
+    first = tf.nest.flatten(unbatched.batch(count).get_single_element())
     # Random augmentation, a reshuffling stage or a generator can make passes differ: such a dataset is read
-    # anew at every event, as it would be without this module.
-    if not all(a.shape == b.shape and bool(tf.reduce_all(tf.equal(a, b))) for a, b in zip(first, second)):
-        return None
-    return _Samples(first, dataset.element_spec, count)
+    # anew at every event, as it would be without this module. The second pass is compared part by part.
+    done, held = 0, [np.asarray(t) for t in first]
+    for part in unbatched.batch(COMPARED_SAMPLES):
+        part = [np.asarray(t) for t in tf.nest.flatten(part)]
+        size = len(part[0])
+        if done + size > count or not all(np.array_equal(h[done:done + size], p) for h, p in zip(held, part)):
+            return None
+        done += size
+    return _Samples(first, dataset.element_spec, count) if done == count else None

@@ -17,6 +17,8 @@ import numpy as np
 
 from tf_woodfisher import legacy_keras  # noqa: F401, I001  (first: TF_USE_LEGACY_KERAS=1 before TensorFlow)
 import tensorflow as tf
+
+from tf_woodfisher import compat
 import tf_keras as keras
 
 _BN_CLASSES = tuple({keras.layers.BatchNormalization,
@@ -212,7 +214,7 @@ def recalibrate_batchnorm(model: keras.Model, dataset, num_batches: int | None =
         for index, layer in enumerate(layers):
             object.__setattr__(layer, "call", _batch_statistics_call(layer, index, records))
 
-        @tf.function(reduce_retracing=True)
+        @compat.function(reduce_retracing=True)
         def statistics(x):
             records.clear()
             model(x, training=False)

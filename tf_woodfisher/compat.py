@@ -76,6 +76,59 @@ def imported_as_parent(package: str) -> bool:
     return False
 
 
+def function(fn: Callable | None = None, **options: Any) -> Any:
+    """``tf.function(fn, **options)`` for tf_woodfisher's own code; also a decorator, with or without options.
+
+    AutoGraph then runs tf_woodfisher's functions as written, as it runs Keras' own (``fn`` gets TensorFlow's private
+    ``autograph_artifact`` mark, and AutoGraph's private ``config.CONVERSION_RULES`` get
+    ``DoNotConvert('tf_woodfisher')`` on the first call, for the functions reached through ``tf.map_fn``, a
+    layer's ``call`` or :func:`user_code`): converting their source
+    took about 3 s of a process's first pruning event (0.6 s for the rule gradient function alone) and slowed
+    every later trace, and the code holds no Python control flow on tensors. AutoGraph stays on for what they
+    call: Keras layers and losses convert their own ``call`` as under ``model.fit``, and a user's plain function
+    is called through :func:`user_code`.
+
+    Raises:
+        CompatibilityError: TensorFlow's AutoGraph no longer has ``config.CONVERSION_RULES``.
+    """
+    import tensorflow as tf
+
+    if fn is None:
+        return lambda f: function(f, **options)
+    global _AS_WRITTEN
+    try:
+        from tensorflow.python.autograph.core import config
+        from tensorflow.python.autograph.impl import api
+
+        if not _AS_WRITTEN:
+            config.CONVERSION_RULES = (config.DoNotConvert("tf_woodfisher"), *config.CONVERSION_RULES)
+            _AS_WRITTEN = True
+        api.autograph_artifact(fn)  # tf.function converts the function it compiles whatever its module
+    except (ImportError, AttributeError) as error:
+        raise _missing("function", "tensorflow", error) from error
+    return tf.function(fn, **options)
+
+
+_AS_WRITTEN = False
+
+
+def user_code(fn: Callable) -> Callable:
+    """``fn`` (a user's forward, loss or schedule) as ``tf.function`` would call it: converted by AutoGraph when
+    it is neither Keras', TensorFlow's nor tf_woodfisher's own code, so that Python control flow on tensors in it
+    works inside tf_woodfisher's compiled functions (:func:`function`), as Keras calls a user's loss
+    (``tf.__internal__.autograph.tf_convert``).
+
+    Args:
+        fn: any callable.
+
+    Returns:
+        A callable with ``fn``'s arguments and results.
+    """
+    import tensorflow as tf
+
+    return tf.__internal__.autograph.tf_convert(fn, tf.__internal__.autograph.control_status_ctx())
+
+
 @contextlib.contextmanager
 def pfor_converter(op_type: str, make_converter: Callable[[Callable], Callable]) -> Iterator[None]:
     """While tracing, replace TensorFlow's pfor converter of ``op_type`` by ``make_converter(original)``.

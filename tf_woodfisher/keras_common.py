@@ -575,11 +575,13 @@ class ScheduleDecisions:
     FIRST_WINDOW, LARGEST_WINDOW = 256, 4096
 
     def __init__(self, schedule):
+        schedule = compat.user_code(schedule)  # a user's schedule may branch on the step in Python
+
         def decision(step):
             should_prune, sparsity = schedule(step)
             return tf.cast(should_prune, tf.bool), tf.cast(sparsity, tf.float32)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
+        @compat.function(input_signature=[tf.TensorSpec([None], tf.int64)])
         def decisions(steps):
             return tf.map_fn(decision, steps, fn_output_signature=(tf.bool, tf.float32))
 

@@ -316,6 +316,7 @@ def make_gradient_fn(forward: Callable, variables: Sequence[tf.Variable], loss_f
         traces) is True when the forward holds a while_loop and the rows come from ``tf.map_fn``.
     """
     variables = list(variables)
+    forward, loss_fn = compat.user_code(forward), compat.user_code(loss_fn)
 
     def group_gradients(group, found_loops=None):
         x, y = group
@@ -340,7 +341,7 @@ def make_gradient_fn(forward: Callable, variables: Sequence[tf.Variable], loss_f
         return tf.map_fn(group_gradients, (x, y), fn_output_signature=signature,
                          parallel_iterations=LOOPED_PARALLEL_ITERATIONS)
 
-    compiled = tf.function(rows)
+    compiled = compat.function(rows)
 
     def gradients(x, y):
         any_chunk = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), (x, y))
@@ -576,7 +577,7 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
     return [columns[i] for i in range(len(sizes))]
 
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _accumulate_sums(previous, pieces, masks, block_sizes):
     """``previous`` (None on the first chunk) plus the :func:`partial_sums` of each variable's masked rows."""
     sums = tuple(partial_sums(rows if mask is None else rows * mask[None, :], block)
@@ -584,7 +585,7 @@ def _accumulate_sums(previous, pieces, masks, block_sizes):
     return sums if previous is None else tf.nest.map_structure(tf.add, previous, sums)
 
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _masked_rows(pieces, masks, dtype):
     """Per variable, rows (g, size) × its mask (size,) (None: no mask) in ``dtype``; and the number of
     non-finite entries of each variable's rows (a (variables,) int64 vector)."""

@@ -41,6 +41,8 @@ import string
 
 import tensorflow as tf
 
+from tf_woodfisher import compat
+
 __all__ = ["make_rule_gradient_fn", "rule_coverage", "RULE_CLASSES"]
 
 _LOOP_MIN_GROUP = 2  # groups of ≥ this many samples: per-group native kernel-gradient ops in a loop over groups
@@ -1106,7 +1108,7 @@ def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
     Compiled once per input signature for any number of groups g. The returned function has attributes ``coverage`` (per
     variable, the rule used or None) and ``fallback_reasons`` (variable name → why), set when it traces.
     """
-    variables = list(variables)
+    variables, loss_fn = list(variables), compat.user_code(loss_fn)
     fallback = fallback or _default_fallback
     plan = _Plan(model, variables)
 
@@ -1160,7 +1162,7 @@ def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
                                       for i in rest}
         return tuple(rows)
 
-    compiled = tf.function(step)
+    compiled = compat.function(step)
 
     def gradients(x, y):
         any_chunk = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), (x, y))
@@ -1195,7 +1197,7 @@ def rule_coverage(model, variables, inputs=None):
         result["owners"] = trace.decide()[0]
         return tf.constant(0)
 
-    tf.function(forward).get_concrete_function(spec)
+    compat.function(forward).get_concrete_function(spec)
     return [None if o is None else f"{o[1].name}.{o[2]}" for o in result["owners"]]
 
 
@@ -1226,10 +1228,11 @@ def make_checked_gradient_fn(model, forward, variables, loss_fn, check_groups=4,
     from tf_woodfisher.fisher.gradients import make_gradient_fn  # lazy: gradients.py may import this module
 
     variables = list(variables)
+    forward, loss_fn = compat.user_code(forward), compat.user_code(loss_fn)
     fast = make_rule_gradient_fn(model, variables, loss_fn)
     chosen = []
 
-    @tf.function(reduce_retracing=True)
+    @compat.function(reduce_retracing=True)
     def one_group(x, y):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(variables)

@@ -16,6 +16,8 @@ from typing import Iterator, Optional
 import numpy as np
 import tensorflow as tf
 
+from tf_woodfisher import compat
+
 
 CACHED_SAMPLE_BYTES = 2 ** 28  # the largest Fisher dataset (unbatched, in bytes) kept in memory between events
 COMPARED_SAMPLES = 1024  # samples per part of the second pass, compared with the first
@@ -60,7 +62,7 @@ class _Samples:
     def __init__(self, components, structure, count):
         self.components, self.structure, self.count = components, structure, count
 
-        @tf.function
+        @compat.function
         def permutation(seed, seed2, buffer, take):
             indices = tf.data.experimental.to_variant(tf.data.Dataset.range(count))
             shuffled = tf.raw_ops.ShuffleDatasetV3(  # what Dataset.shuffle builds, with the seeds as inputs

@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 
 import tensorflow as tf
+from tf_woodfisher import compat
 from tf_woodfisher.fisher.blocks import BlockGroup, BlockPartition, choose_form, explicit_flops, lowrank_flops
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.grams import BlockGrams
@@ -28,7 +29,7 @@ MAX_DAMPING_RETRIES = 3
 DAMPING_RETRY_FACTOR = 100.0
 
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _lowrank_factor(blocks, damping):
     """blocks (K, m, c) → Cholesky factors L (K, m, m) of mλI + GGᵀ and diag(F⁻¹) (K, c)."""
     m = tf.shape(blocks)[1]
@@ -39,7 +40,7 @@ def _lowrank_factor(blocks, damping):
     return factor, (1.0 - tf.reduce_sum(tf.square(whitened), axis=1)) / damping
 
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _lowrank_matvec(blocks, factor, damping, vectors):
     """F⁻¹v for each block: blocks (K, m, c), factor (K, m, m), vectors (K, c) → (K, c)."""
     projected = tf.einsum("kmc,kc->km", blocks, vectors)[..., None]
@@ -47,13 +48,13 @@ def _lowrank_matvec(blocks, factor, damping, vectors):
     return (vectors - tf.einsum("kmc,km->kc", blocks, solved)) / damping
 
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _gram(blocks):
     """(K, m, c) → GᵀG (K, c, c)."""
     return tf.matmul(blocks, blocks, transpose_a=True)
 
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _explicit_inverse_of_gram(grams, num_gradients, damping):
     """grams GᵀG (K, c, c) of m = ``num_gradients`` gradients → L⁻¹ (K, c, c) with LLᵀ = F = λI + GᵀG/m,
     and diag(F⁻¹) = ‖L⁻¹‖²_col (K, c)."""
@@ -63,20 +64,20 @@ def _explicit_inverse_of_gram(grams, num_gradients, damping):
     return inverse_factor, tf.reduce_sum(tf.square(inverse_factor), axis=1)
 
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _explicit_inverse(blocks, damping):
     """blocks (K, m, c) → as :func:`_explicit_inverse_of_gram` of their Gram matrices."""
     num_gradients = tf.cast(tf.shape(blocks)[1], blocks.dtype)
     return _explicit_inverse_of_gram(_gram(blocks), num_gradients, damping)
 
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _explicit_matvec(inverse_factor, vectors):
     """F⁻¹v = L⁻ᵀ(L⁻¹v) for each block: inverse_factor L⁻¹ (K, c, c), vectors (K, c) → (K, c)."""
     return tf.linalg.matvec(inverse_factor, tf.linalg.matvec(inverse_factor, vectors), adjoint_a=True)
 
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _explicit_submatrices(inverse_factor, positions):
     """(F⁻¹)_QQ of groups Q inside each block: inverse_factor L⁻¹ (K, c, c) with F⁻¹ = L⁻ᵀL⁻¹, positions
     (K, n, q) of n groups of q entries in each block → (K, n, q, q)."""
@@ -86,7 +87,7 @@ def _explicit_submatrices(inverse_factor, positions):
     return tf.einsum("kcns,kcnt->knst", columns, columns)
 
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _lowrank_submatrices(blocks, factor, damping, positions):
     """(F⁻¹)_QQ = (I − (L⁻¹G_Q)ᵀ(L⁻¹G_Q))/λ of groups Q inside each block: blocks G (K, m, c), factor L
     (K, m, m) of mλI + GGᵀ, positions (K, n, q) → (K, n, q, q)."""

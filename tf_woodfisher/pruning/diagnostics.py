@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tf_woodfisher import compat
 from tf_woodfisher.config import WoodFisherConfig
 from tf_woodfisher.fisher.blocks import BlockPartition
 from tf_woodfisher.fisher.gradients import fisher_batches, fisher_loss
@@ -46,8 +47,8 @@ def check_supported(config: WoodFisherConfig, num_replicas: int, plan) -> None:
 
 def mean_loss_fn(forward: Callable, loss: Callable, dataset) -> Callable:
     """A compiled (x, y) → per-sample losses of the Fisher loss (sample weights applied), for :func:`mean_loss`."""
-    per_sample = fisher_loss(loss, dataset)
-    return tf.function(lambda x, y: per_sample(y, forward(x)), reduce_retracing=True)
+    per_sample, forward = fisher_loss(compat.user_code(loss), dataset), compat.user_code(forward)
+    return compat.function(lambda x, y: per_sample(y, forward(x)), reduce_retracing=True)
 
 
 def mean_loss(losses_of: Callable, dataset, batched: bool, config: WoodFisherConfig, seed: int) -> float:

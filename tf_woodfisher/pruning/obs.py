@@ -43,6 +43,8 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tf_woodfisher import compat
+
 LAZY_STEPS = 64  # removals between two applications of the accumulated downdates (and compactions)
 DEFAULT_MAX_MEMORY = 1 << 30  # bytes of H⁻¹ copies one batch of rows of obc_prune may hold
 SEQUENTIAL_MAX_ENTRIES = 1 << 27  # entries of the explicit block inverses sequential_event may hold (0.5 GiB float32)
@@ -164,7 +166,7 @@ def reconstruction_error(W, W_hat, H, cross=None, H_dense=None) -> float:
 
 # ----------------------------------------------------------------------------------------------- greedy OBS
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _removal_phase(inverse, weights, removed, forced, quota, group_of, group_count, group_limit, steps):
     """``steps`` greedy OBS removals in every block (the compiled inner loop of :func:`sequential_obs`).
 
@@ -740,7 +742,7 @@ def _sweep_signature(dtype):
 
 
 # One compiled sweep per dtype, with unknown dimensions (one trace for all layers).
-_SPARSEGPT_SWEEPS = {dtype: tf.function(_sparsegpt_sweep_impl, input_signature=_sweep_signature(dtype))
+_SPARSEGPT_SWEEPS = {dtype: compat.function(_sparsegpt_sweep_impl, input_signature=_sweep_signature(dtype))
                      for dtype in (tf.float32, tf.float64)}
 
 
@@ -778,7 +780,7 @@ def _refine_impl(goal, start, keep, H, iterations):
     return V * keep
 
 
-_SPARSEGPT_REFINES = {dtype: tf.function(_refine_impl, input_signature=[
+_SPARSEGPT_REFINES = {dtype: compat.function(_refine_impl, input_signature=[
     tf.TensorSpec([None, None, None], dtype), tf.TensorSpec([None, None, None], dtype),
     tf.TensorSpec([None, None, None], tf.bool), tf.TensorSpec([None, None, None], dtype),
     tf.TensorSpec([], tf.int32)]) for dtype in (tf.float32, tf.float64)}

@@ -44,6 +44,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tf_woodfisher import compat
 from tf_woodfisher.config import INVERSE_METHODS, MODES, WoodFisherConfig
 from tf_woodfisher.pruning.scores import _newton_offset
 
@@ -386,7 +387,7 @@ def _solve_chunked(submatrices, values, removed):
     return tf.concat([p[0] for p in parts], 0), tf.concat([p[1] for p in parts], 0)
 
 
-@tf.function(reduce_retracing=True)
+@compat.function(reduce_retracing=True)
 def _removal_solve(submatrices, values, removed):
     """Batched joint removal: submatrices S (..., q, q), values w̃ (..., q), removed (..., q) bool →
     x (..., q) with x_Q = S_QQ⁻¹w̃_Q and 0 elsewhere, and ½w̃_Qᵀx_Q (...,). Entries outside Q are decoupled

@@ -17,9 +17,9 @@ import numpy as np
 
 from tf_woodfisher import legacy_keras  # noqa: F401, I001  (first: TF_USE_LEGACY_KERAS=1 before TensorFlow)
 import tensorflow as tf
+import tf_keras as keras
 
 from tf_woodfisher import compat
-import tf_keras as keras
 
 _BN_CLASSES = tuple({keras.layers.BatchNormalization,
                      *(c for c in keras.layers.BatchNormalization.__mro__ if c.__name__ == "BatchNormalizationBase")})

@@ -109,6 +109,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), help="model:max_memory ('default' or '4GB')")
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=common.RESULTS_DIR, help="folder of perf_end_to_end.{md,csv}")
     args = parser.parse_args(argv)
     common.quiet_tensorflow()
     if args.case:
@@ -133,7 +134,7 @@ def main(argv=None):
         "scores + update s": "{scores_update_s:.1f}", "other s": "{other_s:.1f}",
         "planner estimate GB": "{estimate_gb:.2f}", "peak RSS GB": "{process_peak_rss_gb:.2f}"}
     common.write_results("perf_end_to_end", rows, "End to end: one-shot global WoodFisher of ResNet-20 and ResNet-50",
-                         notes, columns, started)
+                         notes, columns, started, out=args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Two measurements in one process, each alternating the two ways (the order swappe
   library's behaviour) and 'tf.data' ('woodfisher_tfdata'), after a first fit that pays the one-time costs.
 The two ways give the same chunks, element by element (``tests/test_samples.py``), so the fits compute the same.
 
-    python benchmarks/sample_cache.py              # about 2.5 min on 2 cores
+    python benchmarks/sample_cache.py              # about 2 min on 2 cores
     python benchmarks/sample_cache.py --repeats 3
 
 Outputs: benchmarks/results/sample_cache.{md,csv}.

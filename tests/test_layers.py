@@ -1,12 +1,12 @@
 """Every layer kind that tfmot prunes (and those we add) is pruned by both paths, with unique report names;
-per-sample gradients through while_loop-based RNNs match a plain loop of single-sample tapes."""
+per-sample gradients through while_loop-based RNNs and through a user layer's tf.cond match a plain loop of tapes."""
 import warnings
 
 import numpy as np
 import pytest
 
 import tf_woodfisher as tfw
-from tf_woodfisher.fisher.gradients import has_while_loop, make_gradient_fn
+from tf_woodfisher.fisher.gradients import has_control_flow, make_gradient_fn
 
 tf, keras = tfw.tf, tfw.keras
 L = keras.layers
@@ -167,7 +167,51 @@ def test_models_without_loops_stay_vectorised():
     assert fn.looped is False
     graph = tf.function(lambda a, b: fn(a, b)).get_concrete_function(x, y).graph
     # a vectorized_map has no while_loop; the map_fn fallback would add one
-    assert not has_while_loop(graph, graph.get_operations())
+    assert not has_control_flow(graph, graph.get_operations())
+
+
+class Gate(L.Layer):
+    """A user's layer with a Python ``if`` on a tensor (AutoGraph makes it a tf.cond); the branch depends on the
+    weights only, so the samples stay independent."""
+
+    def build(self, shape):
+        self.kernel = self.add_weight("kernel", (shape[-1], 4))
+
+    def call(self, x):
+        h = tf.matmul(x, self.kernel)
+        if tf.reduce_sum(self.kernel) > 0:
+            return tf.tanh(h)
+        return 0.5 * h
+
+
+@pytest.mark.parametrize("positive", [True, False])
+def test_gradients_through_a_user_layers_cond_match_a_loop(positive):
+    """tf.vectorized_map cannot differentiate a tf.cond (it fails on the cond's intermediates): the vectorised
+    path takes tf.map_fn for it, and the rule path uses it for the layer's weights while the Dense gets its rule."""
+    from tf_woodfisher.fisher.rules import make_rule_gradient_fn
+
+    tf.random.set_seed(3)
+    model = keras.Sequential([keras.Input((5,)), L.Dense(6, name="dense"), Gate(name="gate"), L.Dense(2, name="head")])
+    gate = model.get_layer("gate").kernel
+    gate.assign(tf.abs(gate) if positive else -tf.abs(gate))
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(size=(4, 3, 5)).astype("float32"))
+    y = tf.constant(rng.integers(0, 2, (4, 3)))
+    variables = model.trainable_variables
+    reference = []
+    for i in range(4):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(PER_SAMPLE(y[i], model(x[i], training=False)))
+        reference.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, variables)]))
+    reference = np.stack(reference)
+    vectorised = make_gradient_fn(lambda inputs: model(inputs, training=False), variables, PER_SAMPLE)
+    rules = make_rule_gradient_fn(model, variables, PER_SAMPLE)
+    for fn in (vectorised, rules):
+        got = np.concatenate([rows.numpy() for rows in fn(x, y)], axis=1)
+        assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max()
+    assert vectorised.looped is True
+    assert rules.coverage == ["dense.kernel", "dense.bias", None, "dense.kernel", "dense.bias"]  # the Dense rule
+    assert rules.fallback_reasons == {gate.name: "no rule for Gate"}
 
 
 class Scale(L.Layer):

@@ -299,10 +299,12 @@ def make_gradient_fn(forward: Callable, variables: Sequence[tf.Variable], loss_f
     The gradients are vectorised over the groups (``tf.vectorized_map``). TensorFlow's vectorisation
     cannot convert while loops reliably (the loops of LSTM, GRU, SimpleRNN and ``RNN`` layers that are
     not unrolled, a custom ``tf.while_loop``): their gradients fail to convert and their forward passes can
-    fail at run time. When the traced forward graph of one group holds such a loop (looking into the
-    functions it calls), the gradients are instead computed group by group with ``tf.map_fn`` (up to
-    :data:`LOOPED_PARALLEL_ITERATIONS` groups at once), in the same compiled call; the vectorised
-    conversion is then never attempted. Models without loops trace exactly as before.
+    fail at run time; nor the gradient of a ``tf.cond`` or ``tf.switch_case`` (a user layer's Python ``if`` on
+    a tensor, which AutoGraph turns into one), whose intermediates it cannot stack. When the traced forward
+    graph of one group holds such control flow (looking into the functions it calls), the gradients are
+    instead computed group by group with ``tf.map_fn`` (up to :data:`LOOPED_PARALLEL_ITERATIONS` groups at
+    once), in the same compiled call; the vectorised conversion is then never attempted. Models without
+    them trace exactly as before.
 
     Args:
         forward: inputs → outputs in inference mode (e.g. ``lambda x: model(x, training=False)``).
@@ -313,7 +315,7 @@ def make_gradient_fn(forward: Callable, variables: Sequence[tf.Variable], loss_f
         ``fn(x, y)``: x, y of shape (g, b, ...) (g groups of b samples) → a tuple with, per variable, a
         (g, size) float32 tensor, row i the flat gradient of the mean loss of group i. Traced once for
         any g (Conv2D filter gradients as one batched matmul). Its attribute ``looped`` (set when it
-        traces) is True when the forward holds a while_loop and the rows come from ``tf.map_fn``.
+        traces) is True when the forward holds such control flow and the rows come from ``tf.map_fn``.
     """
     variables = list(variables)
     forward, loss_fn = compat.user_code(forward), compat.user_code(loss_fn)
@@ -325,7 +327,7 @@ def make_gradient_fn(forward: Callable, variables: Sequence[tf.Variable], loss_f
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(variables)
             group_loss = tf.reduce_mean(loss_fn(y, forward(x)))
-        if found_loops is not None and has_while_loop(graph, graph.get_operations()[start:]):
+        if found_loops is not None and has_control_flow(graph, graph.get_operations()[start:]):
             found_loops.append(True)
             return (tf.zeros([], tf.float32),)  # depends on nothing: vectorized_map converts none of the loop
         grads = tape.gradient(group_loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -355,8 +357,8 @@ def make_gradient_fn(forward: Callable, variables: Sequence[tf.Variable], loss_f
 
 
 LOOPED_PARALLEL_ITERATIONS = 16  # groups of a tf.map_fn (looped variables) computed concurrently
-_LOOP_OPS = frozenset({"While", "StatelessWhile"})
-_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall", "If", "StatelessIf", "Case", "StatelessCase"})
+_CONTROL_FLOW_OPS = frozenset({"While", "StatelessWhile", "If", "StatelessIf", "Case", "StatelessCase"})
+_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
 
 
 def _function_names(node_attrs):
@@ -368,10 +370,10 @@ def _function_names(node_attrs):
 
 
 def _has_loop(graph, op_type, node_attrs, seen):
-    """Whether a node of ``op_type`` (an op, or a call of a library function) holds a while_loop,
+    """Whether a node of ``op_type`` (an op, or a call of a library function) holds a while_loop or a cond,
     looking into the functions it calls (once each: ``seen`` caches their answers); ``node_attrs()``
     gives its attributes (read only for call and branch ops)."""
-    if op_type in _LOOP_OPS:
+    if op_type in _CONTROL_FLOW_OPS:
         return True
     names = list(_function_names(node_attrs())) if op_type in _CALL_OPS else []
     if compat.function_definition(graph, op_type) is not None:
@@ -388,16 +390,17 @@ def _has_loop(graph, op_type, node_attrs, seen):
 
 
 @tf.autograph.experimental.do_not_convert  # plain Python over the graph: called while tracing, never converted
-def has_while_loop(graph, ops) -> bool:
-    """Whether any of ``ops`` (of ``graph``) is a while_loop or calls a function that holds one.
+def has_control_flow(graph, ops) -> bool:
+    """Whether any of ``ops`` (of ``graph``) is a while_loop, a cond or a switch_case, or calls a function that
+    holds one (what ``tf.vectorized_map`` cannot differentiate: see :func:`make_gradient_fn`).
 
     Args:
         graph: the graph the ops are in (its function library is searched).
         ops: ``tf.Operation`` objects, e.g. those one group's forward pass created.
 
     Returns:
-        True when a ``While``/``StatelessWhile`` op is found, directly or inside a called function (a
-        function whose definition cannot be found counts as holding one).
+        True when a ``While``, ``If`` or ``Case`` op (or its stateless form) is found, directly or inside a
+        called function (a function whose definition cannot be found counts as holding one).
     """
     seen = {}
     return any(_has_loop(graph, op.type, lambda op=op: op.node_def.attr, seen) for op in ops)

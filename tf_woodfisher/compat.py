@@ -88,8 +88,16 @@ def function(fn: Callable | None = None, **options: Any) -> Any:
     call: Keras layers and losses convert their own ``call`` as under ``model.fit``, and a user's plain function
     is called through :func:`user_code`.
 
+    Args:
+        fn: the Python function to compile (None: return a decorator taking it).
+        **options: ``tf.function``'s keyword arguments (``input_signature``, ``reduce_retracing``, ...).
+
+    Returns:
+        The ``tf.function`` of ``fn`` (or, without ``fn``, a decorator that makes it).
+
     Raises:
-        CompatibilityError: TensorFlow's AutoGraph no longer has ``config.CONVERSION_RULES``.
+        CompatibilityError: TensorFlow's AutoGraph no longer has ``config.CONVERSION_RULES`` or
+            ``autograph_artifact``.
     """
     import tensorflow as tf
 

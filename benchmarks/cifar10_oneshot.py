@@ -134,8 +134,7 @@ class Cifar:
     """The subset's training and test images, the reference model and its test predictions."""
 
     def __init__(self, args):
-        folder = args.data_dir or os.environ.get("TFW_CIFAR10_DIR") or os.path.join(common.SHARED_DIR, "datasets",
-                                                                                   "cifar10")
+        folder = common.cifar10_dir(args.data_dir)
         self.npz = args.weights or os.environ.get("TFW_RESNET20_NPZ") or os.path.join(
             common.SHARED_DIR, "models", "resnet20_cifar10_reference.npz")
         self.x_train, self.y_train = tfw.data.load_cifar10("train", folder)

@@ -63,6 +63,11 @@ def mnist_dir(path=None):
     return os.path.normpath(DEFAULT_MNIST_DIR) if os.path.isdir(DEFAULT_MNIST_DIR) else None
 
 
+def cifar10_dir(path=None):
+    """``path``, else $TFW_CIFAR10_DIR, else ../shared/datasets/cifar10 next to the repo."""
+    return path or os.environ.get(tfw.data.CIFAR10_ENV_VAR) or os.path.join(SHARED_DIR, "datasets", "cifar10")
+
+
 def add_mnist_model_options(parser):
     """The options of the MNIST one-shot scripts' models: --data-dir, --weights (MLPNet), --cnn-epochs, --cnn-seed
     (the small CNN trained here, cached under benchmarks/out/)."""

@@ -16,7 +16,6 @@ The two ways give the same chunks, element by element (``tests/test_samples.py``
 Outputs: benchmarks/results/sample_cache.{md,csv}.
 """
 import argparse
-import os
 import statistics
 import time
 
@@ -54,8 +53,7 @@ def main(argv=None):
     common.quiet_tensorflow()
     started = time.perf_counter()
     x, y, fisher = perf_gradual.fit_data(args.data_dir)
-    cifar = tfw.data.load_cifar10("train", args.cifar10_dir or os.environ.get("TFW_CIFAR10_DIR") or
-                                  os.path.join(common.SHARED_DIR, "datasets", "cifar10"))
+    cifar = tfw.data.load_cifar10("train", common.cifar10_dir(args.cifar10_dir))
     cases = {"mnist 128×16": (fisher, 128, 16, 128),
              "cifar10 512×2": (tf.data.Dataset.from_tensor_slices(cifar), 512, 2, 64)}
     rows = []

@@ -369,7 +369,7 @@ def _function_names(node_attrs):
         yield from (f.name for f in value.list.func)
 
 
-def _has_loop(graph, op_type, node_attrs, seen):
+def _has_control_flow(graph, op_type, node_attrs, seen):
     """Whether a node of ``op_type`` (an op, or a call of a library function) holds a while_loop or a cond,
     looking into the functions it calls (once each: ``seen`` caches their answers); ``node_attrs()``
     gives its attributes (read only for call and branch ops)."""
@@ -383,7 +383,7 @@ def _has_loop(graph, op_type, node_attrs, seen):
             seen[name] = False  # recursion guard
             definition = compat.function_definition(graph, name)
             seen[name] = definition is None or any(
-                _has_loop(graph, node.op, lambda node=node: node.attr, seen) for node in definition.node_def)
+                _has_control_flow(graph, node.op, lambda node=node: node.attr, seen) for node in definition.node_def)
         if seen[name]:
             return True
     return False
@@ -403,7 +403,7 @@ def has_control_flow(graph, ops) -> bool:
         called function (a function whose definition cannot be found counts as holding one).
     """
     seen = {}
-    return any(_has_loop(graph, op.type, lambda op=op: op.node_def.attr, seen) for op in ops)
+    return any(_has_control_flow(graph, op.type, lambda op=op: op.node_def.attr, seen) for op in ops)
 
 
 def check_loss(forward: Callable, loss_fn: Callable, x, y) -> None:

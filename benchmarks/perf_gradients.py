@@ -79,7 +79,7 @@ class Case:
         self.floor_fn = batched_gradient_fn(model, self.variables, self.engine.problem.loss)
         self.x_all, self.y_all = tf.constant(self.x), tf.constant(self.y)
         from tf_woodfisher.fisher.memory import default_chunk
-        self.chunk = default_chunk(self.dim, m)
+        self.chunk = default_chunk(self.dim, m, b)
         self.chunks = [(tf.constant(self.x[i * b:(i + self.chunk) * b].reshape(-1, b, *shape)),
                         tf.constant(self.y[i * b:(i + self.chunk) * b].reshape(-1, b)))
                        for i in range(0, m, self.chunk)]

@@ -481,11 +481,23 @@ def test_keras3_layers():
 
 
 @pytest.mark.slow
-def test_checked_rules_fall_back_when_a_layer_couples_the_samples():
-    """A Lambda that subtracts the batch mean couples samples: the rules would be wrong; the check catches it."""
+@pytest.mark.parametrize("eager", [True, False])
+def test_checked_rules_fall_back_when_a_layer_couples_the_samples(monkeypatch, eager):
+    """A Lambda that subtracts the batch mean couples samples: the rules would be wrong; the check catches it,
+    with its reference run eagerly (a cheap first call) or compiled (a costly one)."""
+    from tf_woodfisher import compat
+    from tf_woodfisher.fisher import rules
     from tf_woodfisher.fisher.gradients import make_gradient_fn
     from tf_woodfisher.fisher.rules import make_checked_gradient_fn
 
+    monkeypatch.setattr(rules, "_EAGER_CHECK_SECONDS", float("inf") if eager else 0.0)
+    compiled, function = [], compat.function
+
+    def counting(fn=None, **kwargs):
+        compiled.append(getattr(fn, "__name__", None))
+        return function(fn, **kwargs) if fn is not None else function(**kwargs)
+
+    monkeypatch.setattr(compat, "function", counting)
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(8, activation="tanh", name="d1")(inputs)
@@ -508,3 +520,4 @@ def test_checked_rules_fall_back_when_a_layer_couples_the_samples():
         again = checked(x, y)  # the decision is kept: no second check, same rows
         for got, expected in zip(again, reference):
             np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert compiled.count("one_group") == (0 if eager else 2)  # one reference per model

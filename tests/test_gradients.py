@@ -145,6 +145,42 @@ def test_nan_gradients_and_mismatched_loss(mlpnet_npz, mnist_flat):
         collect_gradients(model, variables, one_hot_mse, "mse", 8)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_whole_chunk_is_stored_as_computed_and_equals_chunked_rows(mlpnet_npz, mnist_flat, monkeypatch, masked):
+    """All m rows in one call (memory.whole_chunk): they are the result, no host buffer is written, and they equal
+    the rows computed 7 at a time into host buffers, masked or not; a non-finite gradient is caught and counted
+    alike on both paths."""
+    (x, y), _ = mnist_flat
+    model = tfw.models.mlpnet(mlpnet_npz)
+    variables = [w.variable for w in find_prunable_weights(model)]
+    sizes = [int(v.shape.num_elements()) for v in variables]
+    keep = (np.arange(sum(sizes)) % 5 != 0).astype("float32")
+    mask = tf.constant(keep) if masked else None
+    data = tf.data.Dataset.from_tensor_slices((x[:60], y[:60]))
+    assert gradients.default_chunk(sum(sizes), 24, 2) == 24
+    bad = x[:60].copy()
+    bad[11, 300] = np.inf
+    bad_data = tf.data.Dataset.from_tensor_slices((bad, y[:60]))
+    messages = []
+    for chunk in (None, 7):
+        with pytest.raises(ValueError, match="NaN or infinite gradients in [1-9]") as error:
+            collect_gradient_columns(model, variables, bad_data, LOSS, 24, 2, mask=mask, shuffle_buffer=0,
+                                     chunk_gradients=chunk)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+    chunked = collect_gradient_columns(model, variables, data, LOSS, 24, 2, mask=mask, seed=3, chunk_gradients=7)
+
+    def no_host_buffer(*args):
+        raise AssertionError("a whole chunk wrote a host buffer")
+
+    monkeypatch.setattr(gradients, "aligned_empty", no_host_buffer)
+    whole = collect_gradient_columns(model, variables, data, LOSS, 24, 2, mask=mask, seed=3)
+    flat = np.concatenate([w.numpy() for w in whole], axis=1)
+    np.testing.assert_allclose(flat, np.concatenate([c.numpy() for c in chunked], axis=1), rtol=1e-5,
+                               atol=1e-6 * np.abs(flat).max())
+    assert np.all(flat[:, keep == 0] == 0) if masked else np.count_nonzero(flat[:, keep == 0]) > 0
+
+
 @pytest.mark.slow
 def test_strided_dilated_and_padded_convolutions_match_loop(rng):
     """Per-sample Conv2D kernel gradients (batched patches × output gradients) against the loop."""

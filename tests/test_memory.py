@@ -48,6 +48,26 @@ def test_estimates_scale_with_m_d_and_dtype():
     assert memory.group_bytes("explicit", 1, 1000, 2000, 4)[0] > 3 * explicit
 
 
+def test_one_chunk_holds_all_gradients_when_their_rows_fit_and_are_kept_in_float32():
+    """default_chunk: all m rows in one call when 4·m·d ≤ CHUNK_BYTES, m·b ≤ MAX_WHOLE_CHUNK_SAMPLES
+    and the storage is float32; the estimate then counts the rows and one masked copy, not CHUNK_COPIES chunks."""
+    d = sum(MLPNET)
+    assert memory.default_chunk(d, 1024) == 1024 and memory.whole_chunk(d, 1024)
+    assert memory.default_chunk(d, 256, 16) == 256 and not memory.whole_chunk(d, 257, 16)  # 4,112 samples
+    assert memory.default_chunk(d, 257, 16) == memory.MAX_CHUNK_ROWS
+    assert memory.default_chunk(d, 1024, 1, itemsize=2) == memory.MAX_CHUNK_ROWS  # half storage: chunked
+    assert memory.collection_bytes(d, 1024, 4) == 1024 * d * 8
+    wide = 10 * d
+    limit = memory.CHUNK_BYTES // (4 * wide)  # the most rows that fit
+    assert memory.whole_chunk(wide, limit) and not memory.whole_chunk(wide, limit + 1)
+    chunk = memory.default_chunk(wide, limit + 1)
+    assert chunk < limit + 1
+    assert memory.collection_bytes(wide, limit + 1, 4) == \
+        4 * memory.CHUNK_COPIES * chunk * wide + (limit + 1) * wide * 4
+    for b, expected in ((1, 300 * d * 8), (16, 4 * memory.CHUNK_COPIES * 256 * d + 300 * d * 4)):  # 4,800 samples
+        assert EventShape(MLPNET, 300, needs_inverse=False, fisher_batch_size=b).stage_bytes(0, 3)[0] == expected
+
+
 @pytest.mark.parametrize("block", [1, 5, 36, 80, 200, 10_000])
 def test_group_sizes_of_filter_chunks_match_the_partition(block):
     """The planner's blocks with fisher_block_order='filter' are those BlockPartition builds from the output units:

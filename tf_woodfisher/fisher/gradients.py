@@ -19,7 +19,7 @@ from tf_woodfisher import compat
 from tf_woodfisher.config import DEFAULT_SHUFFLE_BUFFER
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.grams import BlockGrams, partial_sums
-from tf_woodfisher.fisher.host import aligned_empty, shared_tensor
+from tf_woodfisher.fisher.host import aligned_empty, on_host, shared_tensor
 from tf_woodfisher.fisher.memory import default_chunk
 from tf_woodfisher.fisher.samples import cached_chunks
 
@@ -521,24 +521,27 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
     replicas = executor.num_replicas
     sizes = [int(v.shape.num_elements()) for v in variables]
     dim = sum(sizes)
-    chunk_gradients = chunk_gradients or default_chunk(dim, num_gradients)
+    dtype = tf.as_dtype(dtype)
+    chunk_gradients = chunk_gradients or default_chunk(dim, num_gradients, fisher_batch_size, dtype.size)
     chunk_gradients = max(replicas, chunk_gradients // replicas * replicas)
     batched = resolve_batched(dataset, batched)
     loss_fn = fisher_loss(loss_fn, dataset)
     batches = fisher_batches(dataset, batched, num_gradients, fisher_batch_size, chunk_gradients, seed, shuffle_buffer)
     gradient_fn = gradient_fn or make_gradient_fn(forward, variables, loss_fn)
     masks = [None] * len(sizes) if mask is None else tf.split(mask, sizes)
-    dtype = tf.as_dtype(dtype)
     reduce_blocks = list(reduce_blocks or [None] * len(sizes))
     gathered = [i for i, block in enumerate(reduce_blocks) if block is None]
     reduced = [i for i, block in enumerate(reduce_blocks) if block is not None]
-    # Rows go into one NumPy buffer per variable, which becomes a tensor without a copy: the largest
-    # buffers of an event stay out of TensorFlow's caching allocator and are returned when freed (or pooled).
-    allocate = buffers.empty if buffers is not None else aligned_empty
-    outputs = {i: allocate((num_gradients, sizes[i]), dtype) for i in gathered}
-    # float32 rows are masked straight into the buffers by NumPy (one pass, from a view of the tensor's memory);
-    # a mask of ones is skipped. Other dtypes are cast (and counted) by TensorFlow first.
+    # float32: when one chunk holds all the rows (memory.whole_chunk) and they are on this host, they are the
+    # result as they are (times the mask by TensorFlow, where it is not all ones): nothing is copied. Else the rows
+    # of each chunk are masked into one NumPy buffer per variable by NumPy (one pass, from a view of the tensor's
+    # memory; a mask of ones is skipped), which becomes a tensor without a copy: the large m × d matrices of a
+    # chunked event stay out of TensorFlow's caching allocator and are returned when freed (or pooled). Other
+    # dtypes are cast (and counted) by TensorFlow first.
     host_masks = {i: _host_mask(masks[i]) for i in gathered} if dtype == tf.float32 else None
+    whole = host_masks is not None and replicas == 1 and chunk_gradients >= num_gradients
+    allocate = buffers.empty if buffers is not None else aligned_empty
+    outputs = {} if whole else {i: allocate((num_gradients, sizes[i]), dtype) for i in gathered}
     sums, done, non_finite = None, 0, np.zeros(len(sizes), np.int64)
     for x, y in batches:
         if done == 0:
@@ -550,8 +553,15 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
         if gathered:
             chunk = executor.gather(tuple(rows[i] for i in gathered), count)
             if host_masks is not None:
-                for i, piece in zip(gathered, chunk):
-                    non_finite[i] += _store_rows(outputs[i][done:done + count], piece, host_masks[i])
+                non_finite[gathered] += _count_non_finite(chunk)
+                if whole and count == num_gradients and all(on_host(piece) for piece in chunk):
+                    kept = [None if host_masks[i] is None else masks[i] for i in gathered]
+                    outputs.update(zip(gathered, chunk if all(m is None for m in kept) else _masked(chunk, kept)))
+                else:
+                    for i, piece in zip(gathered, chunk):
+                        if i not in outputs:  # a whole chunk not on this host (a GPU's), or too few rows
+                            outputs[i] = allocate((num_gradients, sizes[i]), dtype)
+                        _store_rows(outputs[i][done:done + count], piece, host_masks[i])
             else:
                 stored, bad = _masked_rows(chunk, [masks[i] for i in gathered], dtype)
                 non_finite[gathered] += bad.numpy()
@@ -570,7 +580,8 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
             f"the Fisher dataset is {'empty' if have == 0 else 'too small'}: it gave {have} usable samples, "
             f"but num_gradients × fisher_batch_size = {num_gradients} × {fisher_batch_size} = {needed} are needed"
         )
-    columns = {i: shared_tensor(buffer, dtype) for i, buffer in outputs.items()}
+    columns = {i: buffer if isinstance(buffer, tf.Tensor) else shared_tensor(buffer, dtype)
+               for i, buffer in outputs.items()}
     if reduced:
         totals = executor.reduce_sum(sums)
         for i, (full, rest, gradient_sum) in zip(reduced, totals):
@@ -625,16 +636,36 @@ def _host_mask(mask):
 
 def _store_rows(target, rows, mask):
     """Write float32 ``rows`` (g, size) times ``mask`` (None: all ones) into ``target`` (a view of the output
-    buffer) in one pass from a view of the tensor's memory; return the number of non-finite entries (counted
-    only when their sum is not finite, which any NaN or infinity makes it)."""
+    buffer) in one pass from a view of the tensor's memory."""
     values = np.asarray(rows)  # the tensor's own memory (Tensor.numpy() would copy it first)
     if mask is None:
         np.copyto(target, values)
     else:
         np.multiply(values, mask, out=target)
-    if math.isfinite(float(np.sum(target))):  # float32: an overflow only costs the exact count
-        return 0
-    return int(np.count_nonzero(~np.isfinite(target)))
+
+
+def _count_non_finite(pieces):
+    """The number of NaN or infinite entries of each float32 tensor of ``pieces`` (an int64 NumPy vector).
+
+    One compiled sum per tensor (TensorFlow's, on all cores; a NumPy sum takes 2-3 times as long), counted
+    entry by entry only for a tensor whose sum is not finite, which any NaN or infinity makes it (so does an
+    overflow of the sum: then the exact count is 0). Masking cannot hide one: a NaN or infinity times 0 is NaN.
+    """
+    sums = _sums(tuple(pieces)).numpy()
+    return np.array([0 if math.isfinite(total) else int(tf.math.count_nonzero(~tf.math.is_finite(piece)))
+                     for total, piece in zip(sums, pieces)], np.int64)
+
+
+@compat.function(reduce_retracing=True)
+def _sums(pieces):
+    """The (pieces,) float32 vector of each tensor's sum of entries."""
+    return tf.stack([tf.reduce_sum(piece) for piece in pieces])
+
+
+@compat.function(reduce_retracing=True)
+def _masked(pieces, masks):
+    """Per tensor, rows (g, size) × its mask (size,), or the rows themselves where the mask is None."""
+    return tuple(rows if mask is None else rows * mask[None, :] for rows, mask in zip(pieces, masks))
 
 
 def _check_finite(non_finite, variables):

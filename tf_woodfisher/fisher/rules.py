@@ -38,6 +38,7 @@ import itertools
 import math
 import re
 import string
+import time
 
 import tensorflow as tf
 
@@ -46,6 +47,11 @@ from tf_woodfisher import compat
 __all__ = ["make_rule_gradient_fn", "rule_coverage", "RULE_CLASSES"]
 
 _LOOP_MIN_GROUP = 2  # groups of ≥ this many samples: per-group native kernel-gradient ops in a loop over groups
+# make_checked_gradient_fn runs its reference eagerly when the checked groups' share of the rules' first call took
+# less than this (seconds): a cheap model then skips tracing a second function (0.1–0.4 s on the small CNN and
+# ResNet-20); op by op, a costly one runs slower than compiled (ResNet-50, a group of 16 images: 2.1–2.4 s a group
+# eagerly, 1.1–1.3 s compiled after a first call of 2.2–3.0 s)
+_EAGER_CHECK_SECONDS = 0.25
 
 
 class _Unsupported(Exception):
@@ -1206,10 +1212,11 @@ def make_checked_gradient_fn(model, forward, variables, loss_fn, check_groups=4,
 
     The rules assume that, in inference mode, samples do not interact; a custom layer that mixes the
     samples of a batch would break that silently. So on its first call the returned function also computes
-    the first ``check_groups`` groups one by one, each with a plain compiled ``GradientTape`` gradient of the
-    group's mean loss (the same per-group reference as the vectorised path, but cheap to trace: no
-    vectorisation), and compares: if any variable's rows differ by more than ``rtol`` of their norm, it
-    warns (naming the variable) and uses the vectorised path
+    the first ``check_groups`` groups one by one, each with a plain ``GradientTape`` gradient of the group's
+    mean loss (the same per-group reference as the vectorised path, without vectorisation): run eagerly when
+    those groups' share of the rules' first call took under ``_EAGER_CHECK_SECONDS`` (a small model: no second
+    function to trace), else compiled. Then it compares: if any variable's rows differ by more than ``rtol`` of
+    their norm, it warns (naming the variable) and uses the vectorised path
     (:func:`tf_woodfisher.fisher.gradients.make_gradient_fn`, only built then) from then on.
 
     Args:
@@ -1232,7 +1239,6 @@ def make_checked_gradient_fn(model, forward, variables, loss_fn, check_groups=4,
     fast = make_rule_gradient_fn(model, variables, loss_fn)
     chosen = []
 
-    @compat.function(reduce_retracing=True)
     def one_group(x, y):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(variables)
@@ -1243,9 +1249,13 @@ def make_checked_gradient_fn(model, forward, variables, loss_fn, check_groups=4,
     def gradients(x, y):
         if chosen:
             return chosen[0](x, y)
+        started = time.perf_counter()
         rows = fast(x, y)
-        count = min(check_groups, int(tf.nest.flatten(x)[0].shape[0]))
-        expected = [one_group(*tf.nest.map_structure(lambda t, i=i: t[i], (x, y))) for i in range(count)]
+        groups = int(tf.nest.flatten(x)[0].shape[0])
+        count = min(check_groups, groups)
+        eager = (time.perf_counter() - started) * count / groups < _EAGER_CHECK_SECONDS
+        reference = one_group if eager else compat.function(one_group)
+        expected = [reference(*tf.nest.map_structure(lambda t, i=i: t[i], (x, y))) for i in range(count)]
         for k, (variable, got) in enumerate(zip(variables, rows)):
             want = tf.stack([group[k] for group in expected])
             error = float(tf.norm(got[:count] - want)) / max(float(tf.norm(want)), 1e-30)

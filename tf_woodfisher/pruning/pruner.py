@@ -75,7 +75,8 @@ def event_shape(config: WoodFisherConfig, segment_sizes: Sequence[int],
     return EventShape(tuple(segment_sizes), config.num_gradients, config.fisher_block_size, config.gradient_dtype,
                       config.inverse_dtype, needs_inverse=config.needs_inverse, needs_update=config.update,
                       needs_moments=config.method in MOMENT_METHODS,
-                      unit_sizes=None if unit_sizes is None else tuple(int(u) for u in unit_sizes))
+                      unit_sizes=None if unit_sizes is None else tuple(int(u) for u in unit_sizes),
+                      fisher_batch_size=config.fisher_batch_size)
 
 
 def fisher_seed(seed: int, *indices: int) -> int:

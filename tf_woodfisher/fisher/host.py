@@ -2,8 +2,9 @@
 
 The largest arrays of an event are allocated here by NumPy and wrapped as tensors through DLPack, so they
 stay out of TensorFlow's caching allocator (their memory returns to the system when freed, or, from a
-:class:`HostBuffers` pool, serves the next event) and are written once, in their final layout. Nothing here
-knows about Keras.
+:class:`HostBuffers` pool, serves the next event) and are written once, in their final layout. (Gradients that one
+chunk computes whole, at most ``memory.CHUNK_BYTES``, stay the tensors TensorFlow computed: see
+``gradients.collect_gradient_columns``.) Nothing here knows about Keras.
 """
 import sys
 from typing import Optional

@@ -6,7 +6,9 @@ The setting of ``perf_gradual.py`` (the small CNN, 6 epochs, 11 events of 128 gr
 and their (K, m, c) blocks anew, as before the pool) alternate, the order swapped every repeat. Besides each fit
 and its events, the time spent writing those buffers is measured per call (``_store_rows`` for the rows,
 ``transposed_blocks`` for the blocks, wrapped by this script): the first event of a fit writes fresh memory
-either way, the later ones write the previous event's buffers with reuse.
+either way, the later ones write the previous event's buffers with reuse. Since the gradient rows of a whole chunk
+are kept as TensorFlow computed them (``fisher.memory.whole_chunk``: here 128 × 108,432 float32, 55 MB, one chunk),
+no row buffer is written in this setting, so both modes differ in the blocks only.
 
     python benchmarks/buffer_reuse.py              # about 3 min on 2 cores
     python benchmarks/buffer_reuse.py --repeats 3

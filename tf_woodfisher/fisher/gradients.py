@@ -594,7 +594,7 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
 @compat.function(reduce_retracing=True)
 def _accumulate_sums(previous, pieces, masks, block_sizes):
     """``previous`` (None on the first chunk) plus the :func:`partial_sums` of each variable's masked rows."""
-    sums = tuple(partial_sums(rows if mask is None else rows * mask[None, :], block)
+    sums = tuple(partial_sums(_apply_mask(rows, mask), block)
                  for rows, mask, block in zip(pieces, masks, block_sizes))
     return sums if previous is None else tf.nest.map_structure(tf.add, previous, sums)
 
@@ -603,7 +603,7 @@ def _accumulate_sums(previous, pieces, masks, block_sizes):
 def _masked_rows(pieces, masks, dtype):
     """Per variable, rows (g, size) × its mask (size,) (None: no mask) in ``dtype``; and the number of
     non-finite entries of each variable's rows (a (variables,) int64 vector)."""
-    stored = [tf.cast(rows if mask is None else rows * mask[None, :], dtype) for rows, mask in zip(pieces, masks)]
+    stored = [tf.cast(_apply_mask(rows, mask), dtype) for rows, mask in zip(pieces, masks)]
     bad = tf.stack([tf.math.count_nonzero(~tf.math.is_finite(rows)) for rows in stored])
     return stored, bad
 
@@ -664,8 +664,13 @@ def _sums(pieces):
 
 @compat.function(reduce_retracing=True)
 def _masked(pieces, masks):
-    """Per tensor, rows (g, size) × its mask (size,), or the rows themselves where the mask is None."""
-    return tuple(rows if mask is None else rows * mask[None, :] for rows, mask in zip(pieces, masks))
+    """Per tensor, its :func:`_apply_mask` rows."""
+    return tuple(_apply_mask(rows, mask) for rows, mask in zip(pieces, masks))
+
+
+def _apply_mask(rows, mask):
+    """Rows (g, size) × a (size,) mask, or the rows themselves when the mask is None."""
+    return rows if mask is None else rows * mask[None, :]
 
 
 def _check_finite(non_finite, variables):

@@ -163,21 +163,29 @@ def test_grouped_convolution_layers(group_size, grouped, monkeypatch):
     assert all_rules(check(model, x, y))
 
 
-@pytest.mark.parametrize("group_size", [1, 3])
-def test_non_overlapping_windows_use_the_patch_matmul(group_size, monkeypatch):
-    """strides = kernel size (a patch embedding): 'valid' with a cropped remainder, 'same' with k dividing the
-    size, rank 1, 2 and 3, against the loop; the patch path is taken (the other paths are made to fail)."""
+def _counted(monkeypatch, name):
+    """Replace ``rules.<name>`` by a wrapper that records whether each call applied (returned a result); returns
+    (the record, the original)."""
     from tf_woodfisher.fisher import rules
 
-    calls = []
-    original = rules._patch_kernel_gradient
+    calls, original = [], getattr(rules, name)
 
     def counted(*args):
         result = original(*args)
         calls.append(result is not None)
         return result
 
-    monkeypatch.setattr(rules, "_patch_kernel_gradient", counted)
+    monkeypatch.setattr(rules, name, counted)
+    return calls, original
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_non_overlapping_windows_use_the_patch_matmul(group_size, monkeypatch):
+    """strides = kernel size (a patch embedding): 'valid' with a cropped remainder, 'same' with k dividing the
+    size, rank 1, 2 and 3, against the loop; the patch path is taken (the other paths are made to fail)."""
+    from tf_woodfisher.fisher import rules
+
+    calls, _ = _counted(monkeypatch, "_patch_kernel_gradient")
     monkeypatch.setattr(rules, "_grouped_kernel_gradient", lambda *a: pytest.fail("grouped path taken"))
     seq, img, vol = keras.Input((10, 3)), keras.Input((9, 8, 2)), keras.Input((4, 6, 4, 1))
     one = keras.Input((9, 8, 1))
@@ -192,6 +200,35 @@ def test_non_overlapping_windows_use_the_patch_matmul(group_size, monkeypatch):
     x, y = data(model, 3, group_size)
     assert all_rules(check(model, x, y))
     assert calls and all(calls), calls
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_stride_one_convs_over_few_channels_use_the_window_rows(group_size, monkeypatch):
+    """Stride 1, K·C ≤ 1.5·O (a first layer over 1–2 channels): 'valid', 'same' and 'causal', dilated or not,
+    rank 1, 2 and 3, against the loop; the window-rows path is taken (the other paths are made to fail), and
+    a wider input (K·C > 1.5·O) or a strided one is refused by it."""
+    from tf_woodfisher.fisher import rules
+
+    calls, original = _counted(monkeypatch, "_window_rows_kernel_gradient")
+    for other in ("_grouped_kernel_gradient", "_conv_kernel_gradient", "_looped_kernel_gradient"):
+        monkeypatch.setattr(rules, other, lambda *a, name=other: pytest.fail(f"{name} taken"))
+    seq, img, two, vol = keras.Input((10, 1)), keras.Input((9, 8, 1)), keras.Input((9, 8, 2)), keras.Input((4, 6, 4, 1))
+    outs = [
+        keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2)(seq),
+        keras.layers.Conv2D(8, 3, padding="valid")(img),
+        keras.layers.Conv2D(6, (3, 2), use_bias=False, activation="relu")(img),
+        keras.layers.Conv2D(12, 3, padding="same", dilation_rate=2)(two),  # K·C = 18 = 1.5·O
+        keras.layers.Conv3D(6, 2, padding="same")(vol),
+    ]
+    model = keras.Model([seq, img, two, vol],
+                        head(keras.layers.Concatenate()([keras.layers.Flatten()(o) for o in outs])))
+    x, y = data(model, 3, group_size)
+    assert all_rules(check(model, x, y))
+    assert calls and all(calls), calls
+    cfg = dict(rank=2, kernel_size=(3, 3), strides=(1, 1), dilations=(1, 1), padding="valid")
+    x, dz = tf.zeros([2, 9, 8, 2]), tf.zeros([2, 7, 6, 11])
+    assert original(x, dz, cfg, 1, 2) is None  # K·C = 18 > 1.5 · 11
+    assert original(x, tf.zeros([2, 4, 3, 12]), dict(cfg, strides=(2, 2)), 1, 2) is None
 
 
 @pytest.mark.parametrize("group_size", [1, 3])

@@ -187,3 +187,53 @@ def test_max_memory_errors_before_any_gradient(mlpnet_npz, fisher_data, capsys):
     lean = memory.leanest_bytes(event_shape(tfw.WoodFisherConfig(num_gradients=64), MLPNET))
     tfw.one_shot_prune(model, fisher_data, LOSS, 0.5, num_gradients=64, max_memory=lean, verbose=1)
     assert "memory plan: 2 stages of tensors" in capsys.readouterr().out
+
+
+def test_a_chunks_transient_bytes_count_in_every_stage():
+    shape = EventShape(MLPNET, 100)
+    heavy = dataclasses.replace(shape, transient_bytes=10 ** 9)
+    for stage in ((0, 1), (1, 2), (0, 3)):
+        collect = memory.collection_bytes(sum(MLPNET[slice(*stage)]), 100, 4)
+        assert heavy.stage_bytes(*stage)[0] == max(shape.stage_bytes(*stage)[0], collect + 10 ** 9)
+    assert plan_memory(heavy, "10GB").peak_bytes == shape.vector_bytes + memory.collection_bytes(sum(MLPNET), 100, 4) \
+        + 10 ** 9
+
+
+def _mlpnet_pruner(mlpnet_npz, data, config):
+    model = tfw.models.mlpnet(mlpnet_npz)
+    return Pruner(keras_problem(model, tfw.find_prunable_weights(model), data, LOSS, config), config)
+
+
+def test_the_first_event_puts_the_traced_chunk_into_the_plan(mlpnet_npz, fisher_data, monkeypatch):
+    """The first chunk's traced transient bytes (× TRANSIENT_MARGIN) enter the plan; a plan that then needs other
+    stages warns and takes effect at the next event; one that fits no budget warns and keeps the stages."""
+    from tf_woodfisher.pruning import pruner as pruner_module
+
+    monkeypatch.setattr(pruner_module, "TRANSIENT_MARGIN", 40.0)  # activations that outweigh the MLPNet's rows
+    config = tfw.WoodFisherConfig(num_gradients=64, fisher_batch_size=8, damping=1e-3, max_memory="8GB")
+    pruner = _mlpnet_pruner(mlpnet_npz, fisher_data, config)
+    assert pruner.plan.shape.transient_bytes == 0
+    pruner.prune_to(0.5)
+    (x_spec, y_spec), = [(tf.TensorSpec([64, 8, 784]), tf.TensorSpec([64, 8], fisher_data.element_spec[1].dtype))]
+    transient = int(40.0 * pruner._gradient_fns[(0, 3)].transient_bytes(x_spec, y_spec))
+    shape = dataclasses.replace(event_shape(config, MLPNET), transient_bytes=transient)
+    assert transient > 10 ** 6 and pruner.plan == plan_memory(shape, "8GB")
+
+    # a budget the plan without the chunk fits in one pass, and with it only in stages
+    budget = plan_memory(shape, "8GB").peak_bytes - 1
+    assert not plan_memory(event_shape(config, MLPNET), budget).streamed and plan_memory(shape, budget).streamed
+    pruner = _mlpnet_pruner(mlpnet_npz, fisher_data, config.replace(max_memory=budget))
+    with pytest.warns(RuntimeWarning, match="this event runs as planned before"):
+        pruner.prune_to(0.5)
+    assert not pruner.plan.streamed
+    pruner.prune_to(0.7)
+    assert pruner.plan.streamed and pruner.plan == plan_memory(shape, budget)
+    assert pruner.sparsity() == pytest.approx(0.7, abs=1e-3)
+
+    # no plan fits: the event keeps its stages, the estimate names the chunk
+    pruner = _mlpnet_pruner(mlpnet_npz, fisher_data, config.replace(max_memory=memory.leanest_bytes(
+        event_shape(config, MLPNET))))
+    with pytest.warns(RuntimeWarning, match=r"a Fisher gradient chunk of 64 × 8 samples allocates about .* beyond"):
+        pruner.prune_to(0.5)
+    assert pruner.plan.streamed and pruner.plan.shape.transient_bytes == max(  # the largest of the stages' functions
+        int(40.0 * fn.transient_bytes(x_spec, y_spec)) for fn in pruner._gradient_fns.values())

@@ -19,6 +19,7 @@ from tf_woodfisher import compat
 from tf_woodfisher.config import DEFAULT_SHUFFLE_BUFFER
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.grams import BlockGrams, partial_sums
+from tf_woodfisher.fisher.graph_memory import any_chunk, chunk_estimator
 from tf_woodfisher.fisher.host import aligned_empty, on_host, shared_tensor
 from tf_woodfisher.fisher.memory import default_chunk
 from tf_woodfisher.fisher.samples import cached_chunks
@@ -345,13 +346,16 @@ def make_gradient_fn(forward: Callable, variables: Sequence[tf.Variable], loss_f
 
     compiled = compat.function(rows)
 
-    def gradients(x, y):
-        any_chunk = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), (x, y))
+    def concrete(x, y):
         # The batched Conv2D converter takes effect when ``compiled`` traces: once, for any chunk size.
         with compat.pfor_converter("Conv2DBackpropFilter",
                                    lambda original: lambda pfor_input: _conv2d_filter_gradient(pfor_input, original)):
-            return compiled.get_concrete_function(*any_chunk)(x, y)
+            return compiled.get_concrete_function(*any_chunk(x, y))
 
+    def gradients(x, y):
+        return concrete(x, y)(x, y)
+
+    gradients.transient_bytes = chunk_estimator(concrete)
     gradients.looped = None
     return gradients
 
@@ -473,7 +477,7 @@ def collect_gradients(*args, **kwargs) -> tf.Tensor:
 def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients, fisher_batch_size=1, mask=None,
                              seed=0, shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, chunk_gradients=None, on_chunk=None,
                              executor=None, dtype=tf.float32, reduce_blocks=None, batched=None, gradient_fn=None,
-                             buffers=None):
+                             buffers=None, on_first_chunk=None):
     """Masked gradients as one (num_gradients, size) matrix per variable.
 
     Assembled one variable at a time (never two copies of all of them).
@@ -506,6 +510,9 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
             dataset)), to reuse one across events (None: compiled here).
         buffers: a :class:`~tf_woodfisher.fisher.host.HostBuffers` pool for the (num_gradients, size) row
             buffers, to reuse one across events (None: fresh buffers).
+        on_first_chunk: optional hook, called as ``on_first_chunk(gradient_fn, x, y)`` with the first chunk
+            (nested structures shaped (g, b, ...), all replicas' samples) before its gradients are computed
+            (the memory planner's transient estimate).
 
     Returns:
         A list, per variable, of a (num_gradients, size) tensor of ``dtype`` or a :class:`BlockGrams`.
@@ -546,6 +553,8 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
     for x, y in batches:
         if done == 0:
             _check_loss_once(gradient_fn, dataset, forward, loss_fn, *tf.nest.map_structure(lambda t: t[0], (x, y)))
+            if on_first_chunk is not None:
+                on_first_chunk(gradient_fn, x, y)
             if executor.num_replicas > 1:
                 executor.check_consistent([t.numpy() for t in tf.nest.flatten((x, y))], "the Fisher samples")
         count = int(tf.nest.flatten(y)[0].shape[0])

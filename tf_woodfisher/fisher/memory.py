@@ -2,15 +2,17 @@
 
 The estimates are of the gradients and of every block group.
 
-The estimates count the engine's large buffers: the m × d gradients (one matrix per weight tensor),
-one chunk of per-sample gradient rows, each block group's factorisation workspace and what the
-inverse keeps of it (a block that is a whole tensor is a view of its gradients), and the event's
-flat (d,) vectors (weights, masks, scores, block indices). TensorFlow's runtime, the model's weights and its
-activations are not counted. When the one-pass plan does not fit, consecutive prunable tensors are grouped into stages
-whose gradients are computed one stage at a time (and, when the stages' inverses cannot all be
-kept, recomputed for the weight update). Blocks never cross tensors, so a staged event prunes
-exactly as the one-pass event does. Nothing here knows about Keras or TensorFlow; block grouping and
-the choice of form come from :mod:`blocks`, as in the engine.
+The estimates count the engine's large buffers: the m × d gradients (one matrix per weight tensor), one chunk
+of per-sample gradient rows, each block group's factorisation workspace and what the inverse keeps of it (a
+block that is a whole tensor is a view of its gradients), and the event's flat (d,) vectors (weights, masks,
+scores, block indices). Once the gradient function has traced (the first chunk of an event), a chunk's
+transient bytes (its activations, their output gradients and the contractions' temporaries:
+:mod:`graph_memory`'s liveness estimate of the traced graph, times TRANSIENT_MARGIN) are counted too
+(``EventShape.transient_bytes``). TensorFlow's runtime and the model's weights are not counted. When the
+one-pass plan does not fit, consecutive prunable tensors are grouped into stages whose gradients are computed one
+stage at a time (and, when the stages' inverses cannot all be kept, recomputed for the weight update). Blocks
+never cross tensors, so a staged event prunes exactly as the one-pass event does. Nothing here knows about
+Keras or TensorFlow; block grouping and the choice of form come from :mod:`blocks`, as in the engine.
 """
 import dataclasses
 import os
@@ -27,6 +29,9 @@ CHUNK_COPIES = 3  # float32 copies of a chunk alive at once: the rows, the maske
 # One chunk holds all m gradients when their float32 rows fit CHUNK_BYTES and the call reads at most this many
 # samples (see whole_chunk)
 MAX_WHOLE_CHUNK_SAMPLES = 4096  # = MAX_CHUNK_ROWS groups of 16, what a chunk of groups of 16 samples reads
+# the gradient stage's measured peak reached 1.21 × (rows + the liveness estimate of a chunk's transient bytes)
+# (benchmarks/perf_chunk_memory.py: the executor runs independent ops at once, oneDNN reorders into its own layouts)
+TRANSIENT_MARGIN = 1.5
 MEMORY_FRACTION = 0.5  # default max_memory: this fraction of the memory available when planning
 VECTOR_BYTES_PER_WEIGHT = 64  # ≈ 10 float32 and 2 int64 (d,) vectors alive during an event
 GRADIENT_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}  # bytes per entry of each storage dtype
@@ -232,6 +237,9 @@ class EventShape:
         unit_sizes: None, or per tensor the entries of one output unit when int-size chunks hold whole units
             (``fisher_block_order='filter'``: blocks of max(1, c // s) units, gathered, never views).
         fisher_batch_size: b, samples per gradient (whether one chunk holds all m gradients depends on m·b).
+        transient_bytes: bytes one gradient chunk's call allocates besides its rows (activations, output
+            gradients, contraction temporaries), counted in every stage's collection; 0 until the gradient
+            function has traced (``Pruner`` sets it from the first chunk).
 
     Raises:
         ValueError: an unknown ``gradient_dtype`` or ``inverse_dtype``.
@@ -247,6 +255,7 @@ class EventShape:
     needs_moments: bool = False  # the mean (WoodTaylor) or mean square (diagonal Fisher) of the gradients
     unit_sizes: Optional[tuple] = None  # per tensor, entries of an output unit ('filter' chunks), or None
     fisher_batch_size: int = 1  # b, samples per gradient
+    transient_bytes: int = 0  # a gradient chunk's activations and temporaries (0: not traced yet)
 
     def __post_init__(self):
         if self.gradient_dtype not in GRADIENT_DTYPES:
@@ -289,7 +298,8 @@ class EventShape:
         """
         sizes = self.segment_sizes[begin:end]
         dim, m = int(sum(sizes)), self.num_gradients
-        collect = collection_bytes(dim, m, GRADIENT_DTYPES[self.gradient_dtype], self.fisher_batch_size)
+        collect = collection_bytes(dim, m, GRADIENT_DTYPES[self.gradient_dtype], self.fisher_batch_size) \
+            + self.transient_bytes
         stored = self.gradient_bytes(begin, end)
         moments = 2 * m * dim * 4 if self.needs_moments else 0  # the float32 matrix and its squares or mean
         if not self.needs_inverse:

@@ -23,7 +23,8 @@ from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.gradients import collect_gradient_columns, fisher_loss, make_gradient_fn
 from tf_woodfisher.fisher.grams import gradient_moments, reduced_block_size
 from tf_woodfisher.fisher.host import HostBuffers
-from tf_woodfisher.fisher.memory import GRADIENT_DTYPES, EventShape, plan_memory
+from tf_woodfisher.fisher.memory import (GRADIENT_DTYPES, TRANSIENT_MARGIN, EventShape, MemoryBudgetError,
+                                         format_bytes, plan_memory)
 from tf_woodfisher.fisher.woodbury import InverseFisher
 from tf_woodfisher.pruning import diagnostics as loss_diagnostics
 from tf_woodfisher.pruning import obs
@@ -47,7 +48,9 @@ class PruningProblem:
         dataset: the Fisher data, a ``tf.data.Dataset`` of (x, y) or (x, y, sample_weight).
         batched: whether ``dataset`` yields batches (decided by the adapter, which knows the model's inputs).
         make_gradient_fn: factory (forward, variables, loss) → compiled gradient function, as
-            :func:`tf_woodfisher.fisher.gradients.make_gradient_fn` (the default).
+            :func:`tf_woodfisher.fisher.gradients.make_gradient_fn` (the default); its ``transient_bytes(x, y)``
+            (chunk specs → bytes, see :mod:`tf_woodfisher.fisher.graph_memory`) puts a chunk's activations into
+            the memory plan (without it, a warning).
     """
 
     targets: Sequence[PruningTarget]
@@ -175,6 +178,8 @@ class Pruner:
         self.plan = plan_memory(event_shape(config, self.segments, self._unit_sizes), config.max_memory) \
             if config.needs_gradients else None
         self._gradient_fns = {}  # stage → compiled gradient function, reused by every event of this Pruner
+        self._next_plan = None  # the plan with the traced transient bytes, taken at the next event's start
+        self._transient_counted = set()  # ids of the gradient functions whose transient bytes are in the plan
         # the gradient rows and their blocks, reused by the next event; none kept when the plan streams stages,
         # whose buffers differ in shape and must not stay allocated next to the following stage's
         self._buffers = HostBuffers(0 if self.plan is not None and self.plan.streamed else None)
@@ -232,6 +237,7 @@ class Pruner:
             The event's :class:`EventStats`.
         """
         progress, timer = _Progress(on_progress), PhaseTimer()
+        self._take_next_plan()
         self.executor.take_traffic()
         values, mask = self._masked_values()
         scores, kept = zip(*[self._scores(stage, values, mask, seed, progress, timer, sparsity)
@@ -281,6 +287,7 @@ class Pruner:
             raise ValueError("Pruner.sweep shares one event's statistics, which needs steps=1, no N:M pattern and "
                              "a memory plan that keeps them: use sweep_in_steps")
         progress, timer = _Progress(on_progress), PhaseTimer()
+        self._take_next_plan()
         self.executor.take_traffic()
         start = [(t.variable.numpy(), None if t.mask is None else t.mask.numpy()) for t in self.targets]
         values, mask = self._masked_values()
@@ -358,6 +365,57 @@ class Pruner:
                 problem.forward, self.variables[stage[0]:stage[1]], fisher_loss(problem.loss, problem.dataset))
         return self._gradient_fns[stage]
 
+    def _count_transient(self, gradient_fn, x, y):
+        """Put a gradient chunk's transient bytes, estimated from ``gradient_fn``'s trace for the chunk (x, y),
+        into the memory plan (once: the largest over the stages). A plan with other stages takes effect at the
+        next event (this one keeps its stages, with a warning); a plan that no longer fits ``max_memory`` warns."""
+        if id(gradient_fn) in self._transient_counted:
+            return
+        self._transient_counted.add(id(gradient_fn))  # the functions live in self._gradient_fns: ids stay theirs
+        estimate = getattr(gradient_fn, "transient_bytes", None)
+        if estimate is None:  # a PruningProblem.make_gradient_fn of the user's
+            warnings.warn("the Fisher gradient function has no transient_bytes(x, y) method: the memory plan does not "
+                          "count the activations of its chunks", RuntimeWarning, stacklevel=2)
+            return
+        if self.executor.num_replicas > 1:  # its trace reads distributed variables, only possible inside a replica
+            warnings.warn("under a strategy with several replicas the activations of a Fisher gradient chunk are not "
+                          "estimated: the memory plan does not count them", RuntimeWarning, stacklevel=2)
+            return
+        spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), (x, y))
+        try:
+            transient = int(TRANSIENT_MARGIN * estimate(*spec))
+        except (ValueError, TypeError, KeyError, tf.errors.OpError) as error:
+            warnings.warn(f"the activations of a Fisher gradient chunk could not be estimated ({error}): the memory "
+                          "plan does not count them", RuntimeWarning, stacklevel=2)
+            return
+        shape = (self._next_plan or self.plan).shape
+        if transient <= shape.transient_bytes:
+            return
+        shape = dataclasses.replace(shape, transient_bytes=transient)
+        try:
+            plan = plan_memory(shape, self.plan.max_memory)
+        except MemoryBudgetError as error:
+            groups = tf.nest.flatten(x)[0].shape[0]
+            warnings.warn(f"a Fisher gradient chunk of {groups} × {self.config.fisher_batch_size} "
+                          f"samples allocates about {format_bytes(transient)} of activations and temporaries, beyond "
+                          f"the memory plan: {error}", RuntimeWarning, stacklevel=2)
+            plan = dataclasses.replace(self.plan, shape=shape, peak_bytes=self.plan.peak_bytes + transient)
+        if (plan.stages, plan.keep_inverse) == (self.plan.stages, self.plan.keep_inverse):
+            self.plan = plan
+            return
+        warnings.warn(f"a Fisher gradient chunk allocates about {format_bytes(transient)} of activations and "
+                      f"temporaries: this event runs as planned before ({self.plan}), the next ones as {plan}",
+                      RuntimeWarning, stacklevel=2)
+        self._next_plan = plan
+
+    def _take_next_plan(self):
+        if self._next_plan is not None:
+            if self._next_plan.stages != self.plan.stages:
+                self._gradient_fns.clear()
+                self._transient_counted.clear()
+                self._buffers = HostBuffers(0 if self._next_plan.streamed else None)
+            self.plan, self._next_plan = self._next_plan, None
+
     def _statistics(self, stage, mask, seed, progress, timer):
         """FisherStatistics of the targets of ``stage`` from their own gradient pass (None for magnitude)."""
         config, problem, (begin, end) = self.config, self.problem, stage
@@ -369,7 +427,7 @@ class Pruner:
                 config.fisher_batch_size, self._columns(mask, stage), seed, config.shuffle_buffer,
                 on_chunk=progress.gradient_hook(), executor=self.executor, dtype=config.gradient_dtype,
                 reduce_blocks=self.reduced_block_sizes(stage), batched=problem.batched,
-                gradient_fn=self._gradient_fn(stage), buffers=self._buffers)
+                gradient_fn=self._gradient_fn(stage), buffers=self._buffers, on_first_chunk=self._count_transient)
         if self._diagnosis is not None:
             self._diagnosis.record(self.offsets[begin], columns, seed, self._block_groups(begin, end))
         with timer("inverse"):

@@ -382,8 +382,8 @@ class Pruner:
                           "estimated: the memory plan does not count them", RuntimeWarning, stacklevel=2)
             return
         spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), (x, y))
-        try:
-            transient = int(TRANSIENT_MARGIN * estimate(*spec))
+        try:  # in the replica context of a one-replica strategy, as the chunk's call will run (the same trace)
+            transient = int(TRANSIENT_MARGIN * self.executor.run(estimate, *spec))
         except (ValueError, TypeError, KeyError, tf.errors.OpError) as error:
             warnings.warn(f"the activations of a Fisher gradient chunk could not be estimated ({error}): the memory "
                           "plan does not count them", RuntimeWarning, stacklevel=2)

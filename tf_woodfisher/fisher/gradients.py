@@ -316,7 +316,9 @@ def make_gradient_fn(forward: Callable, variables: Sequence[tf.Variable], loss_f
         ``fn(x, y)``: x, y of shape (g, b, ...) (g groups of b samples) → a tuple with, per variable, a
         (g, size) float32 tensor, row i the flat gradient of the mean loss of group i. Traced once for
         any g (Conv2D filter gradients as one batched matmul). Its attribute ``looped`` (set when it
-        traces) is True when the forward holds such control flow and the rows come from ``tf.map_fn``.
+        traces) is True when the forward holds such control flow and the rows come from ``tf.map_fn``; its
+        method ``transient_bytes(x, y)`` estimates, for a chunk's static shapes, the bytes one call allocates
+        besides its rows (:func:`tf_woodfisher.fisher.graph_memory.transient_bytes`).
     """
     variables = list(variables)
     forward, loss_fn = compat.user_code(forward), compat.user_code(loss_fn)

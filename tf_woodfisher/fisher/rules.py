@@ -1150,8 +1150,10 @@ def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
     the others from ``fallback(model, fallback_variables, loss_fn)`` — a function returning a gradient
     function of the same contract for those variables; default: ``make_gradient_fn`` of
     ``model(x, training=False)``, a vectorised map over groups — called inside the same compiled function.
-    Compiled once per input signature for any number of groups g. The returned function has attributes ``coverage`` (per
-    variable, the rule used or None) and ``fallback_reasons`` (variable name → why), set when it traces.
+    Compiled once per input signature for any number of groups g. The returned function has attributes
+    ``coverage`` (per variable, the rule used or None) and ``fallback_reasons`` (variable name → why), set when it
+    traces, and the method ``transient_bytes(x, y)``: for a chunk's static shapes (tensors or ``tf.TensorSpec``\\ s),
+    the bytes one call allocates besides its rows (:func:`tf_woodfisher.fisher.graph_memory.transient_bytes`).
     """
     variables, loss_fn = list(variables), compat.user_code(loss_fn)
     fallback = fallback or _default_fallback

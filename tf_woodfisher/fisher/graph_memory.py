@@ -62,8 +62,7 @@ def transient_bytes(concrete: "tf.types.experimental.ConcreteFunction", inputs: 
         tf.graph_util.import_graph_def(concrete.graph.as_graph_def(), input_map=feeds, name="graph")
     returned = {f"graph/{t.name}" for t in concrete.outputs}
     operations = graph.get_operations()
-    order = {op.name: i for i, op in enumerate(operations)}
-    owner, size, last = {}, {}, {}  # tensor → buffer (a tensor name), buffer → bytes, buffer → last reader index
+    owner, size, born, last = {}, {}, {}, {}  # tensor → buffer (a tensor name); buffer → bytes, writer, last reader
     scratch = {}  # op index → bytes held only while it runs
     for index, op in enumerate(operations):
         if op.type in _SCRATCH and op.name.startswith("graph/"):
@@ -82,21 +81,20 @@ def transient_bytes(concrete: "tf.types.experimental.ConcreteFunction", inputs: 
                 continue
             if tensor.name in returned or not _bytes(tensor):
                 continue
-            owner[tensor.name], size[tensor.name], last[tensor.name] = tensor.name, _bytes(tensor), index
+            owner[tensor.name], size[tensor.name] = tensor.name, _bytes(tensor)
+            born[tensor.name] = last[tensor.name] = index
     for name in returned:  # a returned view keeps its buffer to the end, and the planner counts it
         if name in owner:
             size.pop(owner[name], None)
-    allocated = {}
-    for name in size:
-        allocated.setdefault(order[graph.get_tensor_by_name(name).op.name], []).append(name)
-    freed = {}
-    for name in size:
-        freed.setdefault(last[name], []).append(name)
+    allocated, freed = [0] * len(operations), [0] * len(operations)  # bytes written / released at each op
+    for name, count in size.items():
+        allocated[born[name]] += count
+        freed[last[name]] += count
     live = peak = 0
     for index in range(len(operations)):
-        live += sum(size[name] for name in allocated.get(index, ()))
+        live += allocated[index]
         peak = max(peak, live + scratch.get(index, 0))
-        live -= sum(size[name] for name in freed.get(index, ()))
+        live -= freed[index]
     return peak
 
 

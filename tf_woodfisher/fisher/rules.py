@@ -119,14 +119,15 @@ def _same_padding(size, out, kernel, stride, dilation):
     return total // 2, total - total // 2
 
 
-def _windows(x, kernel_size, strides, dilations, out_sizes):
+def _windows(x, kernel_size, strides, dilations, out_sizes, leading=1, trailing=1):
     """For each kernel offset (row-major), the strided window x[:, o·d : o·d + (out-1)·s + 1 : s, ..., :]
-    of an explicitly padded channels_last x: shape (n, *out_sizes, channels)."""
+    of an explicitly padded x whose spatial axes follow ``leading`` axes and precede ``trailing`` ones
+    (channels_last (n, *S, C): 1 and 1): shape (n, *out_sizes, channels) for channels_last."""
     for offset in itertools.product(*(range(k) for k in kernel_size)):
-        index = [slice(None)]
+        index = [slice(None)] * leading
         index += [slice(o * d, o * d + (m - 1) * s + 1, s)
                   for o, d, m, s in zip(offset, dilations, out_sizes, strides)]
-        yield x[tuple(index) + (slice(None),)]
+        yield x[tuple(index) + (slice(None),) * trailing]
 
 
 def _apply_activation(layer, outputs):
@@ -290,10 +291,8 @@ def _window_rows_kernel_gradient(x_padded, dz, cfg, conv_groups, groups):
     x = tf.reshape(_f32(x_padded), [groups, -1] + spatial + [channels])  # (g, b, *S, C)
     x = tf.transpose(x, [0, rank + 2, 1] + list(range(2, rank + 2))) if channels > 1 \
         else tf.reshape(x, [groups, 1, -1] + spatial)  # (g, C, b, *S)
-    rows = []
-    for offset in itertools.product(*(range(k) for k in kernel)):
-        index = (slice(None),) * 3 + tuple(slice(o * d, o * d + m) for o, d, m in zip(offset, cfg["dilations"], out))
-        rows.append(tf.reshape(x[index], [groups, channels, -1]))  # (g, C, b·positions)
+    rows = [tf.reshape(w, [groups, channels, -1])  # (g, C, b·positions) per kernel offset
+            for w in _windows(x, kernel, cfg["strides"], cfg["dilations"], out, leading=3, trailing=0)]
     rows = tf.reshape(tf.stack(rows, axis=2), [groups, channels * len(rows), -1])  # (g, C·K, b·positions)
     grads = tf.matmul(rows, tf.reshape(_f32(dz), [groups, -1, filters]))  # (g, C·K, O)
     grads = tf.transpose(tf.reshape(grads, [groups, channels, -1, filters]), [0, 2, 1, 3])

@@ -8,11 +8,14 @@ takes back memory that the guest has freed within seconds, so a pause makes ever
 * ``huge``: ``np.empty`` with NumPy's default ``MADV_HUGEPAGE`` advice for large arrays (what
   ``fisher/host.py: aligned_empty`` gets);
 * ``small``: ``np.empty`` with that advice switched off (4 KiB pages);
-* ``mmap4k``: an anonymous ``mmap`` with ``MADV_NOHUGEPAGE``.
+* ``mmap4k``: an anonymous ``mmap`` with ``MADV_NOHUGEPAGE``;
+* ``prefault``: ``fisher/host.py: aligned_empty`` as the library calls it: ``huge``, its pages faulted in by
+  ``host.prefault`` from one thread per CPU before the rows are written.
 
 The process's system time and page faults are its own (``getrusage``).
 
-    python benchmarks/first_touch.py                      # 3 rounds of the three cases, 25 s pauses (about 9 min)
+    python benchmarks/first_touch.py                      # 3 rounds of the four cases, 25 s pauses (about 12 min)
+    python benchmarks/first_touch.py --cases huge prefault --rounds 3
     python benchmarks/first_touch.py --rounds 1 --pause 0 --gb 1   # smoke test
 
 Outputs: benchmarks/results/first_touch.md (or --out).
@@ -29,8 +32,10 @@ import time
 import numpy as np
 
 import common
+import tensorflow as tf
+from tf_woodfisher.fisher import host
 
-CASES = ("huge", "small", "mmap4k")
+CASES = ("huge", "small", "mmap4k", "prefault")
 RESNET50_G_BYTES = 64 * 25_502_912 * 4
 
 
@@ -39,7 +44,9 @@ def touch(case, nbytes, rows=64):
     from numpy._core import multiarray  # NumPy's switch of its MADV_HUGEPAGE advice
 
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    if case == "mmap4k":
+    if case == "prefault":
+        array = host.aligned_empty((rows, nbytes // 4 // rows), tf.float32)
+    elif case == "mmap4k":
         mapped = mmap.mmap(-1, nbytes)
         mapped.madvise(mmap.MADV_NOHUGEPAGE)
         array = np.frombuffer(mapped, np.float32).reshape(rows, -1)
@@ -60,6 +67,7 @@ def main(argv=None):
     parser.add_argument("--pause", type=float, default=25.0, help="seconds idle before each case")
     parser.add_argument("--gb", type=float, help="array size in GB (default: ResNet-50's G, 6.53 GB)")
     parser.add_argument("--out", default=common.RESULTS_DIR)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     nbytes = int(args.gb * 1e9) // 256 * 256 if args.gb else RESNET50_G_BYTES
@@ -68,7 +76,7 @@ def main(argv=None):
         return
     started, rows = time.perf_counter(), []
     for _ in range(args.rounds):
-        for case in CASES:
+        for case in args.cases:
             time.sleep(args.pause)
             child = [sys.executable, __file__, "--case", case, "--gb", str(nbytes / 1e9)]
             rows.append(json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout))

@@ -172,7 +172,10 @@ def batched_gradient_fn(model, variables, loss_fn):
 
 def write_floor_seconds(rows, cols):
     """Seconds to write a fresh (rows, cols) float32 array (allocate, then fill every entry): the memory-bandwidth
-    floor of a stage whose output is that matrix (any engine must write it at least once)."""
+    floor of a stage whose output is that matrix (any engine must write it at least once). A plain ``np.empty``:
+    in a steady state, where the memory was freed a moment ago, one writer is the faster way (the library's
+    ``fisher.host.aligned_empty`` faults the pages in from several threads first, which pays off on memory the
+    system has not used for a while)."""
     tick = time.perf_counter()
     np.empty((rows, cols), np.float32).fill(1.0)
     return time.perf_counter() - tick

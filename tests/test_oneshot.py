@@ -62,6 +62,42 @@ def test_woodfisher_beats_magnitude_and_sets_layer_sparsities(mlpnet_npz, fisher
     assert "fc1/kernel" in str(report) and "total" in str(report)
 
 
+def _select_by_stable_argsort(values, mask, sizes, sparsity):
+    """The plain reference: per segment, the ``count`` lowest of (-inf where already pruned, else the score) by a
+    stable argsort (ties: lower index first)."""
+    out, start = np.ones(values.size, np.float32), 0
+    for size in sizes:
+        segment = np.where(mask[start:start + size] > 0, values[start:start + size].astype(np.float64), -np.inf)
+        count = max(min(int(round(sparsity * size)), size - 1), int(np.sum(mask[start:start + size] == 0)))
+        out[start + np.argsort(segment, kind="stable")[:count]] = 0.0
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_selection_matches_a_stable_argsort_with_ties_and_pruned_entries(dtype):
+    """select_pruned against the stable argsort, global and layerwise: many tied scores (a few distinct values),
+    entries already pruned (kept pruned even when the target is lower), sparsities 0 to 0.99; NaN scores among
+    the entries to prune are refused by name."""
+    rng = np.random.default_rng(4)
+    sizes = [37, 120, 5, 64]
+    for trial in range(30):
+        values = rng.integers(0, 6, sum(sizes)).astype(dtype) if trial % 2 else rng.random(sum(sizes)).astype(dtype)
+        mask = (rng.random(sum(sizes)) > rng.choice([0.0, 0.3, 0.95])).astype(np.float32)
+        sparsity = float(rng.choice([0.0, 0.2, 0.5, 0.9, 0.99]))
+        for mode, segments in (("global", [sum(sizes)]), ("layerwise", sizes)):
+            got = scores.select_pruned(tf.constant(values), tf.constant(mask), sizes, sparsity, mode)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, _select_by_stable_argsort(values, mask, segments, sparsity),
+                                          err_msg=f"{mode}, sparsity {sparsity}, trial {trial}")
+    values = np.arange(10, dtype=np.float32)
+    values[[2, 5, 7]] = np.nan
+    with pytest.raises(ValueError, match="scores of 3 weights are NaN"):
+        scores.select_pruned(values, np.ones(10, np.float32), [10], 0.9, "global")
+    with pytest.raises(ValueError, match="mode"):
+        scores.select_pruned(values, np.ones(10, np.float32), [10], 0.5, "blockwise")
+
+
 def test_obs_update_matches_dense_numpy(rng):
     m, d = 30, 12
     g = rng.normal(size=(m, d)).astype(np.float32)

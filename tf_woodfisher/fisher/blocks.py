@@ -14,6 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from tf_woodfisher.fisher.host import aligned_empty
+
 
 def validate_block_size(block_size):
     """Raise ValueError unless ``block_size`` is None, 'model' or a positive int.
@@ -185,7 +187,7 @@ class BlockPartition:
         dim: d, the length of the flat parameter vector.
         groups: the :class:`BlockGroup` of each block size, largest blocks first.
         inverse_order: int64 (d,); maps the concatenation of all groups' flattened indices back to the
-            flat order.
+            flat order (64-byte aligned when made by :meth:`from_segments`, so a tensor can share it).
     """
 
     dim: int
@@ -234,9 +236,16 @@ class BlockPartition:
                     by_size.setdefault(length, []).append(begins[:, None] + np.arange(length, dtype=np.int64))
                     offset += length * count
             start += size
-        groups = tuple(BlockGroup(np.concatenate(blocks)) for _, blocks in sorted(by_size.items(), reverse=True))
-        order = np.concatenate([g.indices.reshape(-1) for g in groups])
-        return cls(dim=dim, groups=groups, inverse_order=np.argsort(order, kind="stable"))
+        groups = tuple(BlockGroup(blocks[0] if len(blocks) == 1 else np.concatenate(blocks))
+                       for _, blocks in sorted(by_size.items(), reverse=True))
+        # the groups' entries, concatenated, are a permutation of range(dim): its inverse, scattered group by
+        # group (no argsort, no concatenated copy: ResNet-50's 25.5M entries are 204 MB per int64 copy)
+        inverse_order, position = aligned_empty((dim,), np.int64), 0
+        for group in groups:
+            count = group.indices.size
+            inverse_order[group.indices.reshape(-1)] = np.arange(position, position + count, dtype=np.int64)
+            position += count
+        return cls(dim=dim, groups=groups, inverse_order=inverse_order)
 
     @property
     def num_blocks(self):

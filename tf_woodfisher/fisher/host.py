@@ -6,7 +6,10 @@ stay out of TensorFlow's caching allocator (their memory returns to the system w
 chunk computes whole, at most ``memory.CHUNK_BYTES``, stay the tensors TensorFlow computed: see
 ``gradients.collect_gradient_columns``.) Nothing here knows about Keras.
 """
+import mmap
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -14,10 +17,15 @@ import numpy as np
 import tensorflow as tf
 
 REUSED_BUFFER_BYTES = 2 ** 30  # the most a HostBuffers pool keeps allocated between uses
+PREFAULT_BYTES = 16 * 2 ** 20  # fresh buffers from this size on have their pages faulted in by parallel threads
+PREFAULT_THREADS = 8  # at most this many (and at most the CPUs this process may run on)
 
 
 def aligned_empty(shape, dtype):
     """An uninitialised NumPy array for ``dtype`` whose data is 64-byte aligned, as tensor buffers must be.
+
+    From :data:`PREFAULT_BYTES` on, the pages are faulted in first by :func:`prefault` (in parallel), not one
+    by one by the single thread that first writes the array.
 
     Args:
         shape: the array's shape.
@@ -29,8 +37,55 @@ def aligned_empty(shape, dtype):
     dtype = tf.as_dtype(dtype)
     itemsize, count = dtype.size, int(np.prod(shape))
     raw = np.empty(count * itemsize + 64, np.uint8)
+    if raw.nbytes >= PREFAULT_BYTES:
+        prefault(raw)
     offset = -raw.ctypes.data % 64
     return raw[offset:offset + count * itemsize].view(dtype.as_numpy_dtype).reshape(shape)
+
+
+def prefault(raw: np.ndarray, threads: Optional[int] = None) -> None:
+    """Write one byte of each memory page of ``raw`` (a 1-D uint8 array, contents undefined afterwards), from
+    several threads at once.
+
+    The first write of a fresh page costs a page fault, in which the kernel (and, on a VM, its host) finds and
+    zeroes the page. Memory the system has not used for a while is slow to fault in: on this project's 2-core VM
+    0.3 GB/s from one thread, 0.6–0.9 GB/s from two (``benchmarks/first_touch.py``); a NumPy strided assignment
+    releases the GIL, so plain threads fault the array's parts in parallel. Memory this process freed a moment ago
+    faults in at several GB/s, and there faulting it in first costs about one more pass over the buffer than
+    letting its writer fault it (4–8 ms per 100 MB here, as the zeroed pages leave the cache before they are
+    written): a few milliseconds where the cold case saves seconds. (Timing a first part of the buffer to tell the
+    two apart failed: its start can be warm, recently freed memory, and the rest cold.)
+
+    Args:
+        raw: the array whose pages to fault in.
+        threads: the number of threads (default: the CPUs this process may run on, at most
+            :data:`PREFAULT_THREADS`).
+    """
+    if threads is None:
+        threads = min(PREFAULT_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1)
+    page = mmap.PAGESIZE
+    pages = -(-raw.nbytes // page)
+    bounds = [page * (pages * k // threads) for k in range(threads + 1)]
+
+    def touch(k):
+        raw[bounds[k]:bounds[k + 1]:page] = 0
+
+    if threads <= 1:
+        touch(0)
+    else:
+        list(_thread_pool(threads).map(touch, range(threads)))
+
+
+_POOL = {}  # (process id, threads) → the ThreadPoolExecutor of prefault: started once (a new one after a fork)
+
+
+def _thread_pool(threads):
+    key = (os.getpid(), threads)
+    if key not in _POOL:
+        _POOL.clear()  # a pool inherited through fork has no threads in this process
+        _POOL[key] = ThreadPoolExecutor(threads, thread_name_prefix="tfw-prefault")
+    return _POOL[key]
 
 
 class HostBuffers:
@@ -82,6 +137,14 @@ def shared_tensor(array, dtype):
     storage = array.view(np.uint16) if dtype == tf.bfloat16 else array
     tensor = tf.experimental.dlpack.from_dlpack(storage.__dlpack__())
     return tf.bitcast(tensor, dtype) if dtype == tf.bfloat16 else tensor
+
+
+def host_tensor(array: np.ndarray) -> tf.Tensor:
+    """A CPU tensor of a NumPy ``array``: :func:`shared_tensor` (no copy) when it is C-contiguous and 64-byte
+    aligned, else a copy (``tf.constant``)."""
+    if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % 64 == 0 and array.dtype != np.object_:
+        return shared_tensor(array, tf.as_dtype(array.dtype))
+    return tf.constant(array)
 
 
 def on_host(tensor) -> bool:

@@ -23,21 +23,41 @@ from tf_woodfisher import compat
 from tf_woodfisher.fisher.blocks import BlockGroup, BlockPartition, choose_form, explicit_flops, lowrank_flops
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.grams import BlockGrams
-from tf_woodfisher.fisher.host import on_host, transposed_blocks
+from tf_woodfisher.fisher.host import host_tensor, on_host, transposed_blocks
 
 MAX_DAMPING_RETRIES = 3
 DAMPING_RETRY_FACTOR = 100.0
 
 
-@compat.function(reduce_retracing=True)
-def _lowrank_factor(blocks, damping):
-    """blocks (K, m, c) → Cholesky factors L (K, m, m) of mλI + GGᵀ and diag(F⁻¹) (K, c)."""
+def _lowrank(blocks, damping, one_block):
+    """blocks (K, m, c) → Cholesky factors L (K, m, m) of mλI + GGᵀ and diag(F⁻¹) (K, c).
+
+    With ``one_block`` (K = 1, a layer block) L⁻¹G is a matmul with the m × m inverse L⁻¹ (a triangular solve
+    against the identity): measured 1.3–2.9× faster than the triangular solve against its c columns for m = 64 to
+    1000 and c = 2·10⁴ to 2.4·10⁶, with the same diagonal to float32 rounding. For batches of blocks the batched
+    triangular solve was as fast or faster (0.8–1.1×), so they keep it. The choice is the caller's, by the group's
+    static size (:func:`_solve_group`), never a traced shape that a retrace could generalise."""
     m = tf.shape(blocks)[1]
     gram = tf.matmul(blocks, blocks, transpose_b=True)
     eye = tf.eye(m, batch_shape=[1], dtype=blocks.dtype)
     factor = tf.linalg.cholesky(gram + tf.cast(m, blocks.dtype) * damping * eye)
-    whitened = tf.linalg.triangular_solve(factor, blocks, lower=True)
+    if one_block:
+        whitened = tf.matmul(tf.linalg.triangular_solve(factor, eye, lower=True), blocks)
+    else:
+        whitened = tf.linalg.triangular_solve(factor, blocks, lower=True)
     return factor, (1.0 - tf.reduce_sum(tf.square(whitened), axis=1)) / damping
+
+
+@compat.function(reduce_retracing=True)
+def _lowrank_factor(blocks, damping):
+    """:func:`_lowrank` of a batch of blocks (K, m, c): the batched triangular solve."""
+    return _lowrank(blocks, damping, one_block=False)
+
+
+@compat.function(reduce_retracing=True)
+def _lowrank_factor_of_one_block(blocks, damping):
+    """:func:`_lowrank` of one block (1, m, c): the matmul with L⁻¹."""
+    return _lowrank(blocks, damping, one_block=True)
 
 
 @compat.function(reduce_retracing=True)
@@ -123,7 +143,7 @@ class InverseFisher:
         self._groups = groups
         self.dtype = dtype
         self._executor = executor
-        self._inverse_order = tf.constant(partition.inverse_order)
+        self._inverse_order = host_tensor(partition.inverse_order)
         self._location_tables = None  # built by the first submatrices() call
 
     @classmethod
@@ -400,7 +420,8 @@ def _solve_group(blocks, form, damping, dtype, executor, num_gradients=None):
                 factor, diagonal = executor.run(_explicit_inverse_of_gram, sharded,
                                                 tf.constant(num_gradients, dtype), damping_t)
             else:
-                factorise = _lowrank_factor if form == "lowrank" else _explicit_inverse
+                factorise = _explicit_inverse if form != "lowrank" else \
+                    _lowrank_factor_of_one_block if int(blocks.shape[0]) == 1 else _lowrank_factor
                 factor, diagonal = executor.run(factorise, sharded, damping_t)
             diagonal = executor.gather(diagonal, int(blocks.shape[0]))
             result = _SolvedGroup(form, damping, sharded if form == "lowrank" else None, factor, diagonal)

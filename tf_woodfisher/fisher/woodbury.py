@@ -420,8 +420,12 @@ def _solve_group(blocks, form, damping, dtype, executor, num_gradients=None):
                 factor, diagonal = executor.run(_explicit_inverse_of_gram, sharded,
                                                 tf.constant(num_gradients, dtype), damping_t)
             else:
-                factorise = _explicit_inverse if form != "lowrank" else \
-                    _lowrank_factor_of_one_block if int(blocks.shape[0]) == 1 else _lowrank_factor
+                if form != "lowrank":
+                    factorise = _explicit_inverse
+                elif int(blocks.shape[0]) == 1:
+                    factorise = _lowrank_factor_of_one_block
+                else:
+                    factorise = _lowrank_factor
                 factor, diagonal = executor.run(factorise, sharded, damping_t)
             diagonal = executor.gather(diagonal, int(blocks.shape[0]))
             result = _SolvedGroup(form, damping, sharded if form == "lowrank" else None, factor, diagonal)

@@ -558,3 +558,96 @@ def test_checked_rules_fall_back_when_a_layer_couples_the_samples(monkeypatch, e
         for got, expected in zip(again, reference):
             np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
     assert compiled.count("one_group") == (0 if eager else 2)  # one reference per model
+
+
+def test_keras_own_layers_and_losses_skip_the_check_and_anything_else_keeps_it(monkeypatch):
+    """keeps_samples_apart accepts a model of Keras' own sample-wise layers only (nested models too, axes counted
+    back from the end that miss the batch axis) and refuses a Lambda, a subclass of a Keras layer, a call replaced on
+    the instance, a recurrent layer, a subclassed model, a normalisation or softmax over the batch axis and an
+    activation that is not Keras' own;
+    KerasFisherLoss.builtin accepts Keras' losses by name, object or function, per output, and refuses a lambda, a
+    custom Loss and Keras' wrapper class around a custom function. Through keras_problem the check's reference is
+    never traced for a trusted model and loss, and is for an untrusted one of either; a coupling Lambda still falls
+    back."""
+    from tf_woodfisher import compat
+    from tf_woodfisher.config import WoodFisherConfig
+    from tf_woodfisher.fisher import rules
+    from tf_woodfisher.fisher.gradients import fisher_loss, make_gradient_fn
+    from tf_woodfisher.fisher.rules import keeps_samples_apart
+    from tf_woodfisher.tfmot import find_prunable_weights
+    from tf_woodfisher.tfmot.problem import keras_problem, per_sample_loss
+    from tf_keras.src.losses import LossFunctionWrapper
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="tanh", name="d1")(inputs)
+    normed = keras.layers.Dropout(0.1)(keras.layers.BatchNormalization()(hidden))
+    plain = keras.Model(inputs, head(normed))
+    nested = keras.Model(inputs, keras.Sequential([keras.layers.Dense(4), keras.layers.ReLU()])(plain(inputs)))
+    coupled = keras.Model(inputs, head(keras.layers.Lambda(lambda t: t - tf.reduce_mean(t, 0, keepdims=True))(hidden)))
+
+    class MyDense(keras.layers.Dense):
+        pass
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    subclass = keras.Model(inputs, MyDense(3)(inputs))
+    replaced = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    replaced.layers[0].call = lambda x, **kwargs: x
+    recurrent = keras.Sequential([keras.Input((4, 6)), keras.layers.LSTM(3)])
+    net = Net()
+    net(tf.zeros([1, 6]))
+    normalised = keras.Sequential([keras.Input((5, 6)), keras.layers.LayerNormalization(axis=-2),
+                                   keras.layers.Softmax(axis=1)])
+    across = [keras.Sequential([keras.Input((6,)), keras.layers.UnitNormalization(axis=-2)]),
+              keras.Sequential([keras.Input((6,)), keras.layers.Softmax(axis=0)]),
+              keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation=lambda t: t - tf.reduce_mean(t))]),
+              keras.Sequential([keras.Input((6,)), keras.layers.Activation(tf.nn.relu)])]  # not Keras' own: checked
+    assert keeps_samples_apart(plain) and keeps_samples_apart(nested) and keeps_samples_apart(normalised)
+    for model in (coupled, subclass, replaced, recurrent, net, *across):
+        assert not keeps_samples_apart(model), model.name
+
+    class MyLoss(keras.losses.Loss):
+        def call(self, y_true, y_pred):
+            return tf.reduce_mean(tf.square(y_pred), axis=-1)
+
+    trusted = ["sparse_categorical_crossentropy", "mse", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+               keras.losses.MeanSquaredError(), keras.losses.categorical_crossentropy, ["mse", None],
+               {"head": "mse"}]
+    untrusted = [lambda y, p: tf.reduce_mean(tf.square(p), -1), MyLoss(), ["mse", MyLoss()]]
+    assert all(per_sample_loss(loss).builtin for loss in trusted)
+    assert not any(per_sample_loss(loss).builtin for loss in untrusted)
+    wrapped = per_sample_loss("mse")
+    wrapped.losses = LossFunctionWrapper(lambda y, p: tf.reduce_mean(tf.square(p), -1))  # Keras' class, user's fn
+    assert not wrapped.builtin
+
+    monkeypatch.setattr(rules, "_EAGER_CHECK_SECONDS", 0.0)  # a reference, if any, is compiled: counted
+    compiled, function = [], compat.function
+    monkeypatch.setattr(compat, "function", lambda fn=None, **kw: compiled.append(getattr(fn, "__name__", None))
+                        or (function(fn, **kw) if fn is not None else function(**kw)))
+    logits = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    own_loss = lambda y, p: keras.losses.sparse_categorical_crossentropy(y, p, from_logits=True)  # noqa: E731
+    config = WoodFisherConfig(method="woodfisher", num_gradients=8)
+    for model, loss, checks in ((plain, logits, 0), (plain, own_loss, 1), (coupled, logits, 1)):
+        x, y = data(model, 6, 4)
+        dataset = tf.data.Dataset.from_tensor_slices((np.reshape(x, (24, -1)), np.reshape(y, (24,))))
+        problem = keras_problem(model, find_prunable_weights(model), dataset, loss, config)
+        variables = [t.variable for t in find_prunable_weights(model)]
+        loss_fn = fisher_loss(problem.loss, dataset)
+        reference = make_gradient_fn(problem.forward, variables, loss_fn)(x, y)
+        before = compiled.count("one_group")
+        gradient_fn = problem.make_gradient_fn(problem.forward, variables, loss_fn)
+        if model is coupled:
+            with pytest.warns(RuntimeWarning, match="couple the samples"):
+                rows = gradient_fn(x, y)
+        else:
+            rows = gradient_fn(x, y)
+        assert compiled.count("one_group") - before == checks, (model.name, loss)
+        for got, expected in zip(rows, reference):
+            np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)

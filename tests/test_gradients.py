@@ -181,6 +181,34 @@ def test_a_whole_chunk_is_stored_as_computed_and_equals_chunked_rows(mlpnet_npz,
     assert np.all(flat[:, keep == 0] == 0) if masked else np.count_nonzero(flat[:, keep == 0]) > 0
 
 
+def test_chunked_rows_are_the_same_while_a_background_thread_faults_their_buffers_in(mlpnet_npz, mnist_flat,
+                                                                                    monkeypatch):
+    """With the RowFaulter forced on (threshold 1 byte, small slices), chunked rows into fresh and into pooled host
+    buffers equal those written without it; its thread is gone after the call, also when the call raises."""
+    import threading
+
+    from tf_woodfisher.fisher import host
+
+    (x, y), _ = mnist_flat
+    model = tfw.models.mlpnet(mlpnet_npz)
+    variables = [w.variable for w in find_prunable_weights(model)]
+    data = tf.data.Dataset.from_tensor_slices((x[:90], y[:90]))
+    monkeypatch.setattr(host, "PREFAULT_BYTES", 10 ** 12)  # never: the reference
+    plain = np.concatenate([c.numpy() for c in collect_gradient_columns(
+        model, variables, data, LOSS, 45, 2, seed=3, chunk_gradients=4)], axis=1)
+    monkeypatch.setattr(host, "PREFAULT_BYTES", 1)
+    monkeypatch.setattr(host, "FAULT_SLICE_BYTES", 4096)
+    pool = host.HostBuffers()
+    for buffers in (None, pool, pool):  # fresh, then the pool's new buffers, then the same buffers reused
+        rows = collect_gradient_columns(model, variables, data, LOSS, 45, 2, seed=3, chunk_gradients=4,
+                                        buffers=buffers)
+        np.testing.assert_array_equal(np.concatenate([c.numpy() for c in rows], axis=1), plain)
+        del rows
+    with pytest.raises(ValueError, match="too small"):
+        collect_gradient_columns(model, variables, data, LOSS, 46, 2, seed=3, chunk_gradients=4)
+    assert not [t for t in threading.enumerate() if t.name == "tfw-row-faulter"]
+
+
 @pytest.mark.slow
 def test_strided_dilated_and_padded_convolutions_match_loop(rng):
     """Per-sample Conv2D kernel gradients (batched patches × output gradients) against the loop."""

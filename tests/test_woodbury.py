@@ -273,6 +273,79 @@ def test_large_host_buffers_are_prefaulted_aligned_and_shared(monkeypatch):
     assert int(copied[0]) == 0 and copied.shape == (50,)
 
 
+def _page_starts(array, rows):
+    """Offsets, in ``array``'s bytes, of the page starts that lie in rows [rows[0], rows[1])."""
+    import mmap
+
+    width = array.nbytes // array.shape[0]
+    first = (-array.ctypes.data) % mmap.PAGESIZE
+    starts = np.arange(first, array.nbytes, mmap.PAGESIZE)
+    return starts[(starts >= rows[0] * width) & (starts < rows[1] * width)]
+
+
+def test_row_faulter_touches_the_page_starts_of_unclaimed_rows_only(monkeypatch):
+    """RowFaulter writes the first byte of every page that starts in a row not claimed when it gets there, and
+    nothing else: rows of odd widths (pages straddling rows), several buffers, slices smaller than a row; it does not
+    start below PREFAULT_BYTES; the buffers are registered only with their number of rows."""
+    import time
+
+    from tf_woodfisher.fisher import host
+
+    monkeypatch.setattr(host, "FAULT_SLICE_BYTES", 2 * 4096)  # several slices per row
+    monkeypatch.setattr(host, "PREFAULT_BYTES", 1)
+    rows = 12
+    for claimed in (0, 5, rows):
+        faulter = host.RowFaulter(rows)
+        arrays = [faulter.add(np.full((rows, width), 255, np.uint8)) for width in (3 * 4096 + 777, 50_001, 10)]
+        faulter.claim(claimed)
+        faulter.start()
+        deadline = time.time() + 30
+        while faulter._thread is not None and faulter._thread.is_alive() and time.time() < deadline:
+            time.sleep(0.01)
+        faulter.stop()
+        for array in arrays:
+            raw = array.reshape(-1)
+            touched = _page_starts(array, (claimed, rows))
+            assert np.all(raw[touched] == 0), (claimed, array.shape)
+            rest = np.ones(raw.size, bool)
+            rest[touched] = False
+            assert np.all(raw[rest] == 255), (claimed, array.shape)
+    with pytest.raises(ValueError, match="C-contiguous buffers of 12 rows"):
+        host.RowFaulter(rows).add(np.zeros((11, 3)))
+    monkeypatch.setattr(host, "PREFAULT_BYTES", 10 ** 9)
+    idle = host.RowFaulter(2)
+    idle.add(np.zeros((2, 3)))
+    idle.start()
+    assert idle._thread is None
+    idle.stop()
+
+
+def test_row_faulter_never_overwrites_what_the_writer_wrote(monkeypatch):
+    """A writer filling the rows in order, claiming each chunk before writing it, while the faulter runs from the last
+    rows: every byte ends as the writer wrote it (repeated, with chunks of 1 to 5 rows)."""
+    from tf_woodfisher.fisher import host
+
+    monkeypatch.setattr(host, "FAULT_SLICE_BYTES", 4096)
+    monkeypatch.setattr(host, "PREFAULT_BYTES", 1)
+    rng = np.random.default_rng(0)
+    rows = 40
+    for chunk in (1, 3, 5):
+        faulter = host.RowFaulter(rows)
+        arrays = [faulter.add(host.aligned_empty((rows, width), tf.float32, fault=False))
+                  for width in (70_001, 4096, 13)]
+        expected = [rng.uniform(1, 2, a.shape).astype(np.float32) for a in arrays]
+        faulter.start()
+        try:
+            for done in range(0, rows, chunk):
+                faulter.claim(done + chunk)
+                for array, values in zip(arrays, expected):
+                    array[done:done + chunk] = values[done:done + chunk]
+        finally:
+            faulter.stop()
+        for array, values in zip(arrays, expected):
+            np.testing.assert_array_equal(array, values)
+
+
 @pytest.mark.parametrize("block_size", [None, 4, "model"])
 def test_partition_inverse_order_is_the_argsort_of_the_groups_entries(block_size):
     """inverse_order (scattered group by group) is the stable argsort of the groups' entries concatenated, for

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import inspect
 import time
 import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -242,6 +243,16 @@ def _as_loss_fn(loss: Any, losses_module, no_reduction: Any) -> Callable:
     return loss
 
 
+def _keras_loss(fn) -> bool:
+    """Whether ``fn`` is a loss function defined in Keras' ``losses`` module, or an object of a loss class defined
+    there (exactly that class) whose wrapped function, if any, is one."""
+    owner = fn if inspect.isfunction(fn) else type(fn)
+    if not (getattr(owner, "__module__", None) or "").startswith(("tf_keras.src.losses", "keras.src.losses")):
+        return False
+    inner = None if inspect.isfunction(fn) else getattr(fn, "fn", None)
+    return inner is None or _keras_loss(inner)
+
+
 def _listing(names) -> str:
     return ", ".join(repr(n) for n in names)
 
@@ -289,6 +300,14 @@ class KerasFisherLoss:
         self.output_names = list(output_names) if output_names else None
         if self.output_names is not None:
             self._check(self.output_names)
+
+    @property
+    def builtin(self) -> bool:
+        """Whether every output's loss is one of Keras' own (a loss class or function of its ``losses`` module,
+        given by name or as an object), each a function of one sample's label and prediction."""
+        losses = self.losses.values() if self.structure == "dict" else \
+            self.losses if self.structure == "list" else [self.losses]
+        return all(fn is None or _keras_loss(fn) for fn in losses)
 
     def _check(self, names: Sequence[str]) -> None:
         """Raise ValueError unless losses and weights fit outputs ``names`` (in order)."""

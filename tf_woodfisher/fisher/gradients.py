@@ -20,7 +20,7 @@ from tf_woodfisher.config import DEFAULT_SHUFFLE_BUFFER
 from tf_woodfisher.fisher.distributed import executor_for
 from tf_woodfisher.fisher.grams import BlockGrams, partial_sums
 from tf_woodfisher.fisher.graph_memory import any_chunk, chunk_estimator
-from tf_woodfisher.fisher.host import aligned_empty, on_host, shared_tensor
+from tf_woodfisher.fisher.host import RowFaulter, aligned_empty, on_host, shared_tensor
 from tf_woodfisher.fisher.memory import default_chunk
 from tf_woodfisher.fisher.samples import cached_chunks
 
@@ -550,40 +550,50 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
     host_masks = {i: _host_mask(masks[i]) for i in gathered} if dtype == tf.float32 else None
     whole = host_masks is not None and replicas == 1 and chunk_gradients >= num_gradients
     allocate = buffers.empty if buffers is not None else aligned_empty
-    outputs = {} if whole else {i: allocate((num_gradients, sizes[i]), dtype) for i in gathered}
+    # the fresh row buffers are faulted in by a background thread, last rows first, while the chunks fill them
+    faulter = RowFaulter(num_gradients)
+    outputs = {} if whole else {
+        i: buffers.empty((num_gradients, sizes[i]), dtype, on_new=faulter.add) if buffers is not None
+        else faulter.add(aligned_empty((num_gradients, sizes[i]), dtype, fault=False)) for i in gathered}
     sums, done, non_finite = None, 0, np.zeros(len(sizes), np.int64)
-    for x, y in batches:
-        if done == 0:
-            _check_loss_once(gradient_fn, dataset, forward, loss_fn, *tf.nest.map_structure(lambda t: t[0], (x, y)))
-            if on_first_chunk is not None:
-                on_first_chunk(gradient_fn, x, y)
-            if executor.num_replicas > 1:
-                executor.check_consistent([t.numpy() for t in tf.nest.flatten((x, y))], "the Fisher samples")
-        count = int(tf.nest.flatten(y)[0].shape[0])
-        rows = executor.run(gradient_fn, *executor.shard((x, y)))
-        if gathered:
-            chunk = executor.gather(tuple(rows[i] for i in gathered), count)
-            if host_masks is not None:
-                non_finite[gathered] += _count_non_finite(chunk)
-                if whole and count == num_gradients and all(on_host(piece) for piece in chunk):
-                    kept = [None if host_masks[i] is None else masks[i] for i in gathered]
-                    outputs.update(zip(gathered, chunk if all(m is None for m in kept) else _masked(chunk, kept)))
+    faulter.start()
+    try:
+        for x, y in batches:
+            if done == 0:
+                first = tf.nest.map_structure(lambda t: t[0], (x, y))
+                _check_loss_once(gradient_fn, dataset, forward, loss_fn, *first)
+                if on_first_chunk is not None:
+                    on_first_chunk(gradient_fn, x, y)
+                if executor.num_replicas > 1:
+                    executor.check_consistent([t.numpy() for t in tf.nest.flatten((x, y))], "the Fisher samples")
+            count = int(tf.nest.flatten(y)[0].shape[0])
+            rows = executor.run(gradient_fn, *executor.shard((x, y)))
+            faulter.claim(done + count)  # the rows written below
+            if gathered:
+                chunk = executor.gather(tuple(rows[i] for i in gathered), count)
+                if host_masks is not None:
+                    non_finite[gathered] += _count_non_finite(chunk)
+                    if whole and count == num_gradients and all(on_host(piece) for piece in chunk):
+                        kept = [None if host_masks[i] is None else masks[i] for i in gathered]
+                        outputs.update(zip(gathered, chunk if all(m is None for m in kept) else _masked(chunk, kept)))
+                    else:
+                        for i, piece in zip(gathered, chunk):
+                            if i not in outputs:  # a whole chunk not on this host (a GPU's), or too few rows
+                                outputs[i] = allocate((num_gradients, sizes[i]), dtype)
+                            _store_rows(outputs[i][done:done + count], piece, host_masks[i])
                 else:
-                    for i, piece in zip(gathered, chunk):
-                        if i not in outputs:  # a whole chunk not on this host (a GPU's), or too few rows
-                            outputs[i] = allocate((num_gradients, sizes[i]), dtype)
-                        _store_rows(outputs[i][done:done + count], piece, host_masks[i])
-            else:
-                stored, bad = _masked_rows(chunk, [masks[i] for i in gathered], dtype)
-                non_finite[gathered] += bad.numpy()
-                for i, piece in zip(gathered, stored):
-                    outputs[i][done:done + count] = np.asarray(piece)
-        if reduced:
-            sums = executor.run(_accumulate_sums, sums, tuple(rows[i] for i in reduced),
-                                tuple(masks[i] for i in reduced), tuple(reduce_blocks[i] for i in reduced))
-        done += count
-        if on_chunk is not None:
-            on_chunk(done)
+                    stored, bad = _masked_rows(chunk, [masks[i] for i in gathered], dtype)
+                    non_finite[gathered] += bad.numpy()
+                    for i, piece in zip(gathered, stored):
+                        outputs[i][done:done + count] = np.asarray(piece)
+            if reduced:
+                sums = executor.run(_accumulate_sums, sums, tuple(rows[i] for i in reduced),
+                                    tuple(masks[i] for i in reduced), tuple(reduce_blocks[i] for i in reduced))
+            done += count
+            if on_chunk is not None:
+                on_chunk(done)
+    finally:
+        faulter.stop()
     needed = num_gradients * fisher_batch_size
     if done < num_gradients:
         have = done * fisher_batch_size

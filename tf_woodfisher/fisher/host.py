@@ -9,8 +9,9 @@ chunk computes whole, at most ``memory.CHUNK_BYTES``, stay the tensors TensorFlo
 import mmap
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -19,17 +20,19 @@ import tensorflow as tf
 REUSED_BUFFER_BYTES = 2 ** 30  # the most a HostBuffers pool keeps allocated between uses
 PREFAULT_BYTES = 16 * 2 ** 20  # fresh buffers from this size on have their pages faulted in by parallel threads
 PREFAULT_THREADS = 8  # at most this many (and at most the CPUs this process may run on)
+FAULT_SLICE_BYTES = 2 ** 21  # RowFaulter touches this much at a time: the longest a writer's claim waits for it
 
 
-def aligned_empty(shape, dtype):
+def aligned_empty(shape, dtype, fault=True):
     """An uninitialised NumPy array for ``dtype`` whose data is 64-byte aligned, as tensor buffers must be.
 
-    From :data:`PREFAULT_BYTES` on, the pages are faulted in first by :func:`prefault` (in parallel), not one
-    by one by the single thread that first writes the array.
+    From :data:`PREFAULT_BYTES` on (unless ``fault`` is False), the pages are faulted in first by :func:`prefault`
+    (in parallel), not one by one by the single thread that first writes the array.
 
     Args:
         shape: the array's shape.
         dtype: a ``tf.DType`` (bfloat16 arrays hold ml_dtypes' bfloat16).
+        fault: whether to fault a large array's pages in now (False: its writer, or a :class:`RowFaulter`, does).
 
     Returns:
         A C-contiguous NumPy array of ``shape``.
@@ -37,7 +40,7 @@ def aligned_empty(shape, dtype):
     dtype = tf.as_dtype(dtype)
     itemsize, count = dtype.size, int(np.prod(shape))
     raw = np.empty(count * itemsize + 64, np.uint8)
-    if raw.nbytes >= PREFAULT_BYTES:
+    if fault and raw.nbytes >= PREFAULT_BYTES:
         prefault(raw)
     offset = -raw.ctypes.data % 64
     return raw[offset:offset + count * itemsize].view(dtype.as_numpy_dtype).reshape(shape)
@@ -88,6 +91,69 @@ def _thread_pool(threads):
     return _POOL[key]
 
 
+class RowFaulter:
+    """Faults in the pages of fresh (rows, ...) buffers from a background thread while their writer fills them.
+
+    The writer fills the buffers row by row from the first row on, and between its writes runs other work that
+    leaves a CPU idle (tracing, single-threaded copies, compiled calls that do not occupy every core). This
+    thread faults the pages in from the last rows down meanwhile, so the writer finds more of them present. It
+    writes one byte per page, so it must never touch a row the writer may have written: before writing rows up to
+    ``r`` the writer calls :meth:`claim` with ``r``, and the thread touches only pages that start in unclaimed rows
+    (a claim waits for the slice being touched, at most :data:`FAULT_SLICE_BYTES`).
+
+    Args:
+        rows: the number of rows of every buffer.
+
+    Use: :meth:`add` each buffer as it is allocated (with ``fault=False``), :meth:`start`, :meth:`claim` before each
+    write, :meth:`stop` at the end (also after an error).
+    """
+
+    def __init__(self, rows: int):
+        self.rows = int(rows)
+        self._arrays, self._claimed = [], 0
+        self._lock, self._stopping = threading.Lock(), threading.Event()
+        self._thread = None
+
+    def add(self, array: np.ndarray) -> np.ndarray:
+        """Register a C-contiguous buffer of :attr:`rows` rows, not yet written; returns it."""
+        if array.shape[0] != self.rows or not array.flags.c_contiguous:
+            raise ValueError(f"RowFaulter takes C-contiguous buffers of {self.rows} rows, got shape {array.shape}")
+        self._arrays.append(array)
+        return array
+
+    def start(self) -> None:
+        """Start faulting (nothing to do when the buffers hold fewer than :data:`PREFAULT_BYTES` in all)."""
+        if sum(a.nbytes for a in self._arrays) >= PREFAULT_BYTES:
+            self._thread = threading.Thread(target=self._run, name="tfw-row-faulter", daemon=True)
+            self._thread.start()
+
+    def claim(self, rows: int) -> None:
+        """The writer may write rows [0, ``rows``) of every buffer from now on."""
+        with self._lock:
+            self._claimed = max(self._claimed, int(rows))
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it (it is touching at most one slice)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._arrays = []
+
+    def _run(self):
+        page = mmap.PAGESIZE
+        buffers = [(flat, flat.nbytes // self.rows, flat.ctypes.data)
+                   for flat in (array.reshape(-1).view(np.uint8) for array in self._arrays)]
+        for row in range(self.rows - 1, -1, -1):  # the rows the writer reaches last, first
+            for flat, width, address in buffers:
+                begin = row * width + (-(address + row * width) % page)  # the first page start in the row
+                for start in range(begin, (row + 1) * width, FAULT_SLICE_BYTES):
+                    with self._lock:
+                        if self._stopping.is_set() or row < self._claimed:
+                            return
+                        flat[start:min(start + FAULT_SLICE_BYTES, (row + 1) * width):page] = 0
+
+
 class HostBuffers:
     """A pool of :func:`aligned_empty` buffers, reused once nothing else refers to them.
 
@@ -107,16 +173,19 @@ class HostBuffers:
         probe = [np.empty(0)]
         self._idle_refs = sys.getrefcount(probe[0])  # a buffer held by one list slot only (and the call's argument)
 
-    def empty(self, shape, dtype) -> np.ndarray:
+    def empty(self, shape, dtype, on_new: Optional[Callable[[np.ndarray], object]] = None) -> np.ndarray:
         """An uninitialised, 64-byte aligned array of ``shape`` and ``dtype`` (a ``tf.DType``): a pooled one
-        that nothing else refers to, else a new one (kept in the pool while it has room)."""
+        that nothing else refers to, else a new one (kept in the pool while it has room). A new one is passed to
+        ``on_new`` (a :meth:`RowFaulter.add`, say) instead of being faulted in by :func:`aligned_empty`."""
         dtype = tf.as_dtype(dtype)
         shape = tuple(int(n) for n in shape)
         arrays = self._arrays.setdefault((shape, dtype.name), [])
         for index in range(len(arrays)):
             if sys.getrefcount(arrays[index]) <= self._idle_refs:
                 return arrays[index]
-        array = aligned_empty(shape, dtype)
+        array = aligned_empty(shape, dtype, fault=on_new is None)
+        if on_new is not None:
+            on_new(array)
         if self._bytes + array.nbytes <= self.max_bytes:
             arrays.append(array)
             self._bytes += array.nbytes

@@ -13,7 +13,7 @@ from tf_woodfisher import compat
 from tf_woodfisher import keras_common as common
 from tf_woodfisher.config import WoodFisherConfig
 from tf_woodfisher.fisher.gradients import has_sample_weights
-from tf_woodfisher.fisher.rules import make_checked_gradient_fn
+from tf_woodfisher.fisher.rules import keeps_samples_apart, make_checked_gradient_fn
 from tf_woodfisher.pruning.pruner import PruningProblem
 from tf_woodfisher.pruning.targets import PruningTarget
 from tf_woodfisher.tfmot.targets import is_pruning_wrapper
@@ -141,6 +141,8 @@ def keras_problem(model, targets: Sequence[PruningTarget], dataset, loss, config
                                    batched)
     if problem.dataset is None or has_sample_weights(problem.dataset):
         return problem
-    # Layer rules: one batched forward and backward per chunk, checked once against the vectorised path.
+    # Layer rules: one batched forward and backward per chunk, checked once against a plain per-group gradient,
+    # unless Keras' own layers and losses keep the samples apart by construction.
+    check_groups = 0 if keeps_samples_apart(network) and getattr(problem.loss, "builtin", False) else 4
     return dataclasses.replace(problem, make_gradient_fn=lambda forward, variables, loss_fn: make_checked_gradient_fn(
-        network, forward, variables, loss_fn))
+        network, forward, variables, loss_fn, check_groups=check_groups))

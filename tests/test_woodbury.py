@@ -249,8 +249,8 @@ def test_prefault_writes_one_byte_of_every_page_and_nothing_else(threads):
 
 
 def test_large_host_buffers_are_prefaulted_aligned_and_shared(monkeypatch):
-    """aligned_empty faults a buffer in from PREFAULT_BYTES on (and not below), stays 64-byte aligned; host_tensor
-    shares an aligned C-contiguous array's memory and copies any other."""
+    """aligned_empty faults a buffer in from PREFAULT_BYTES on (and not below, nor when on_new takes it), stays
+    64-byte aligned; host_tensor shares an aligned C-contiguous array's memory and copies any other."""
     from tf_woodfisher.fisher import host
 
     calls = []
@@ -261,6 +261,9 @@ def test_large_host_buffers_are_prefaulted_aligned_and_shared(monkeypatch):
     tiny = host.aligned_empty((10, 10), tf.float32)
     assert calls == [10 * 99 * 4 + 64] and small.ctypes.data % 64 == 0 and tiny.ctypes.data % 64 == 0
     assert small.shape == (10, 99) and small.dtype == np.float32 and small.flags.c_contiguous
+    handed = []
+    passed = host.aligned_empty((10, 99), tf.float32, on_new=handed.append)  # its faulting is on_new's
+    assert len(calls) == 1 and len(handed) == 1 and handed[0] is passed and passed.ctypes.data % 64 == 0
 
     order = host.aligned_empty((50,), np.int64)
     order[:] = np.arange(50)[::-1]
@@ -331,7 +334,7 @@ def test_row_faulter_never_overwrites_what_the_writer_wrote(monkeypatch):
     rows = 40
     for chunk in (1, 3, 5):
         faulter = host.RowFaulter(rows)
-        arrays = [faulter.add(host.aligned_empty((rows, width), tf.float32, fault=False))
+        arrays = [host.aligned_empty((rows, width), tf.float32, on_new=faulter.add)
                   for width in (70_001, 4096, 13)]
         expected = [rng.uniform(1, 2, a.shape).astype(np.float32) for a in arrays]
         faulter.start()

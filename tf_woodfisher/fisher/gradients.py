@@ -552,9 +552,7 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
     allocate = buffers.empty if buffers is not None else aligned_empty
     # the fresh row buffers are faulted in by a background thread, last rows first, while the chunks fill them
     faulter = RowFaulter(num_gradients)
-    outputs = {} if whole else {
-        i: buffers.empty((num_gradients, sizes[i]), dtype, on_new=faulter.add) if buffers is not None
-        else faulter.add(aligned_empty((num_gradients, sizes[i]), dtype, fault=False)) for i in gathered}
+    outputs = {} if whole else {i: allocate((num_gradients, sizes[i]), dtype, on_new=faulter.add) for i in gathered}
     sums, done, non_finite = None, 0, np.zeros(len(sizes), np.int64)
     faulter.start()
     try:

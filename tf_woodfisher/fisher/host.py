@@ -23,16 +23,17 @@ PREFAULT_THREADS = 8  # at most this many (and at most the CPUs this process may
 FAULT_SLICE_BYTES = 2 ** 21  # RowFaulter touches this much at a time: the longest a writer's claim waits for it
 
 
-def aligned_empty(shape, dtype, fault=True):
+def aligned_empty(shape, dtype, on_new: Optional[Callable[[np.ndarray], object]] = None):
     """An uninitialised NumPy array for ``dtype`` whose data is 64-byte aligned, as tensor buffers must be.
 
-    From :data:`PREFAULT_BYTES` on (unless ``fault`` is False), the pages are faulted in first by :func:`prefault`
-    (in parallel), not one by one by the single thread that first writes the array.
+    From :data:`PREFAULT_BYTES` on, the pages are faulted in first by :func:`prefault` (in parallel), not one
+    by one by the single thread that first writes the array; with ``on_new`` the array is passed to it instead
+    (a :meth:`RowFaulter.add`, which faults the pages in while the array is written).
 
     Args:
         shape: the array's shape.
         dtype: a ``tf.DType`` (bfloat16 arrays hold ml_dtypes' bfloat16).
-        fault: whether to fault a large array's pages in now (False: its writer, or a :class:`RowFaulter`, does).
+        on_new: None, or a callable that takes the new array and faults its pages in itself.
 
     Returns:
         A C-contiguous NumPy array of ``shape``.
@@ -40,10 +41,13 @@ def aligned_empty(shape, dtype, fault=True):
     dtype = tf.as_dtype(dtype)
     itemsize, count = dtype.size, int(np.prod(shape))
     raw = np.empty(count * itemsize + 64, np.uint8)
-    if fault and raw.nbytes >= PREFAULT_BYTES:
+    if on_new is None and raw.nbytes >= PREFAULT_BYTES:
         prefault(raw)
     offset = -raw.ctypes.data % 64
-    return raw[offset:offset + count * itemsize].view(dtype.as_numpy_dtype).reshape(shape)
+    array = raw[offset:offset + count * itemsize].view(dtype.as_numpy_dtype).reshape(shape)
+    if on_new is not None:
+        on_new(array)
+    return array
 
 
 def prefault(raw: np.ndarray, threads: Optional[int] = None) -> None:
@@ -104,8 +108,8 @@ class RowFaulter:
     Args:
         rows: the number of rows of every buffer.
 
-    Use: :meth:`add` each buffer as it is allocated (with ``fault=False``), :meth:`start`, :meth:`claim` before each
-    write, :meth:`stop` at the end (also after an error).
+    Use: :meth:`add` each buffer as it is allocated (``aligned_empty(..., on_new=faulter.add)``), :meth:`start`,
+    :meth:`claim` before each write, :meth:`stop` at the end (also after an error).
     """
 
     def __init__(self, rows: int):
@@ -175,17 +179,15 @@ class HostBuffers:
 
     def empty(self, shape, dtype, on_new: Optional[Callable[[np.ndarray], object]] = None) -> np.ndarray:
         """An uninitialised, 64-byte aligned array of ``shape`` and ``dtype`` (a ``tf.DType``): a pooled one
-        that nothing else refers to, else a new one (kept in the pool while it has room). A new one is passed to
-        ``on_new`` (a :meth:`RowFaulter.add`, say) instead of being faulted in by :func:`aligned_empty`."""
+        that nothing else refers to, else a new one (kept in the pool while it has room), made by
+        :func:`aligned_empty` with ``on_new``."""
         dtype = tf.as_dtype(dtype)
         shape = tuple(int(n) for n in shape)
         arrays = self._arrays.setdefault((shape, dtype.name), [])
         for index in range(len(arrays)):
             if sys.getrefcount(arrays[index]) <= self._idle_refs:
                 return arrays[index]
-        array = aligned_empty(shape, dtype, fault=on_new is None)
-        if on_new is not None:
-            on_new(array)
+        array = aligned_empty(shape, dtype, on_new)
         if self._bytes + array.nbytes <= self.max_bytes:
             arrays.append(array)
             self._bytes += array.nbytes

@@ -143,6 +143,6 @@ def keras_problem(model, targets: Sequence[PruningTarget], dataset, loss, config
         return problem
     # Layer rules: one batched forward and backward per chunk, checked once against a plain per-group gradient,
     # unless Keras' own layers and losses keep the samples apart by construction.
-    check_groups = 0 if keeps_samples_apart(network) and getattr(problem.loss, "builtin", False) else 4
+    check_groups = 0 if keeps_samples_apart(network) and problem.loss.builtin else 4
     return dataclasses.replace(problem, make_gradient_fn=lambda forward, variables, loss_fn: make_checked_gradient_fn(
         network, forward, variables, loss_fn, check_groups=check_groups))

@@ -651,3 +651,101 @@ def test_keras_own_layers_and_losses_skip_the_check_and_anything_else_keeps_it(m
         assert compiled.count("one_group") - before == checks, (model.name, loss)
         for got, expected in zip(rows, reference):
             np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_rows_known_finite_are_certified_from_the_layer_operands_and_never_hide_a_non_finite_row(group_size):
+    """GradientRows.finite: the rows of a Dense layer, whose inputs and output gradients hold fewer entries per group
+    than its rows, are certified finite (and equal the loop); a convolution's, whose operands hold more, are not (left
+    to the count). Rows that overflow to infinity or hold a NaN are never certified, and collect_gradient_columns still
+    counts them and names the variable; with normal rows it skips the count of every certified variable."""
+    from tf_woodfisher.fisher import gradients
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    conv = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    model = keras.Model(inputs, head(keras.layers.Dense(16, activation="tanh", name="wide")(
+        keras.layers.Flatten()(conv))))
+    x, y = data(model, 4, group_size)
+    check(model, x, y)
+    variables = list(model.trainable_variables)
+    fn = make_rule_gradient_fn(model, variables, LOSS)
+    rows = fn(x, y)
+    flags = dict(zip([v.name for v in variables], np.asarray(rows.finite).tolist()))
+    assert flags == {v.name: not v.name.startswith("conv") for v in variables}, flags
+
+    def collect(fn, x, y, loss):
+        dataset = tf.data.Dataset.from_tensor_slices((np.reshape(x, (-1, *x.shape[2:])), np.reshape(y, (-1,))))
+        return gradients.collect_gradient_columns(lambda t: model(t, training=False), variables, dataset, loss,
+                                                  int(x.shape[0]), group_size, shuffle_buffer=0, batched=False,
+                                                  gradient_fn=fn)
+
+    counted = []
+    original = gradients._count_non_finite
+
+    def counting(pieces, known_finite=None):
+        counted.append([int(p.shape.num_elements()) for p, k in
+                        zip(pieces, [False] * len(pieces) if known_finite is None else known_finite) if not k])
+        return original(pieces, known_finite)
+
+    gradients._count_non_finite = counting
+    try:
+        columns = collect(fn, x, y, LOSS)
+        for got, want in zip(columns, rows):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert counted == [[int(v.shape.num_elements()) * 4 for v in variables if v.name.startswith("conv")]]
+
+        # inputs × 1e4 and the wide kernel × 1e-4: the wide layer's inputs are about 1e4 and its tanh does not
+        # saturate; the loss × 1e36 stays finite (about 1e36), but the wide rows, its inputs ⊗ dz with dz about 1e35,
+        # overflow from finite operands
+        wide = model.get_layer("wide").kernel
+        kept = wide.numpy()
+        wide.assign(kept * 1e-4)
+        scaled = lambda labels, logits: 1e36 * LOSS(labels, logits)  # noqa: E731
+        big = x.numpy() * 1e4
+        scaled_fn = make_rule_gradient_fn(model, variables, scaled)
+        overflowed = scaled_fn(tf.constant(big), y)
+        index = [v.name for v in variables].index(wide.name)
+        assert np.all(np.isfinite(scaled(y[0], model(big[0], training=False)).numpy()))
+        assert not np.all(np.isfinite(overflowed[index].numpy()))
+        assert not np.asarray(overflowed.finite)[index]
+        with pytest.raises(ValueError, match="NaN or infinite gradients in [1-9].*first in wide"):
+            collect(scaled_fn, big, y, scaled)
+        wide.assign(kept)
+        bad = x.numpy().copy()
+        bad[-1, -1, 2, 3] = np.nan
+        nan_rows = fn(tf.constant(bad), y)
+        assert not np.asarray(nan_rows.finite).any()
+        with pytest.raises(ValueError, match="NaN or infinite gradients"):
+            collect(fn, bad, y, LOSS)
+    finally:
+        gradients._count_non_finite = original
+
+
+def test_finite_certificate_is_the_bound_on_the_operands_norms():
+    """_finite_certificate against the bound computed by NumPy in float64: calls · Π_t max(√n_t ‖t‖₂, 1) below
+    float32's largest value / 2^10, over operand magnitudes from 1 to 1e19 (squares that overflow float32 withhold it:
+    that norm is infinite), a NaN or an infinity anywhere, and the number of calls."""
+    from tf_woodfisher.fisher.rules import _finite_certificate
+
+    limit = float(np.finfo(np.float32).max) / 2 ** 10
+    rng = np.random.default_rng(0)
+    seen = set()
+    for scale_a in (1.0, 1e8, 1e15, 1e16, 1e17, 1e18, 1e19):
+        for scale_b in (1e-3, 1.0, 1e15, 1e17):
+            for calls in (1, 3, 2 ** 20):
+                a = (rng.normal(size=(40, 25)) * scale_a).astype(np.float32)
+                b = (rng.normal(size=(40, 4)) * scale_b).astype(np.float32)
+                norms = [np.sqrt(np.sum(np.square(t, dtype=np.float32), dtype=np.float32)) for t in (a, b)]
+                bound = calls * np.prod([max(np.sqrt(t.size) * float(n), 1.0) for t, n in zip((a, b), norms)])
+                expected = bool(np.all(np.isfinite(norms)) and bound < limit)
+                got = bool(_finite_certificate([tf.constant(a), tf.constant(b)], calls))
+                assert got == expected, (scale_a, scale_b, calls, bound)
+                seen.add(expected)
+    assert seen == {True, False}
+    finite = np.ones((10, 3), np.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = finite.copy()
+        broken[4, 1] = bad
+        assert not bool(_finite_certificate([tf.constant(finite), tf.constant(broken)], 1))
+    assert bool(_finite_certificate([tf.constant(finite)] * 2, 1))

@@ -252,3 +252,17 @@ def test_gram_sums_of_masked_gradients_match_their_rows(mlpnet_npz, mnist_flat):
         np.testing.assert_allclose(square, (g ** 2).mean(axis=0), rtol=1e-4, atol=1e-9)
         pruned = (offset + np.arange(g.shape[1])) % 3 == 0
         assert np.all(square[pruned] == 0) and np.count_nonzero(square[~pruned]) > 0.5 * np.sum(~pruned)
+
+
+def test_non_finite_entries_are_counted_exactly_by_numpy_and_by_tensorflow(monkeypatch):
+    """_count_non_finite counts NaN and infinite entries exactly whether NumPy (fewer than HOST_SUM_ELEMENTS entries)
+    or TensorFlow sums a tensor; a sum that overflows without any of them counts 0; a tensor marked known finite is
+    not read."""
+    monkeypatch.setattr(gradients, "HOST_SUM_ELEMENTS", 1000)
+    small, large = np.ones((10, 50), np.float32), np.ones((40, 50), np.float32)
+    small[3, 4], small[7, 1], large[0, 0], large[39, 2], large[5, 5] = np.nan, np.inf, -np.inf, np.nan, np.inf
+    overflowing = np.full((40, 50), 3e38, np.float32)
+    pieces = [tf.constant(a) for a in (small, large, np.ones((40, 50), np.float32), overflowing, overflowing[:10])]
+    np.testing.assert_array_equal(gradients._count_non_finite(pieces), [2, 3, 0, 0, 0])
+    np.testing.assert_array_equal(gradients._count_non_finite(pieces[:2], [True, False]), [0, 3])
+    np.testing.assert_array_equal(gradients._count_non_finite(pieces[:2], [True, True]), [0, 0])

@@ -509,7 +509,9 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
         batched: whether ``dataset`` yields batches (required: this module knows no model; adapters tell it
             from the model's input ranks with :func:`resolve_batched`; None raises ValueError).
         gradient_fn: the compiled :func:`make_gradient_fn` of (forward, variables, fisher_loss(loss_fn,
-            dataset)), to reuse one across events (None: compiled here).
+            dataset)), to reuse one across events (None: compiled here). Rows it marks finite (the ``finite``
+            flags of a :class:`~tf_woodfisher.fisher.rules.GradientRows`) are not counted for NaN and infinite
+            entries.
         buffers: a :class:`~tf_woodfisher.fisher.host.HostBuffers` pool for the (num_gradients, size) row
             buffers, to reuse one across events (None: fresh buffers).
         on_first_chunk: optional hook, called as ``on_first_chunk(gradient_fn, x, y)`` with the first chunk
@@ -570,7 +572,8 @@ def collect_gradient_columns(forward, variables, dataset, loss_fn, num_gradients
             if gathered:
                 chunk = executor.gather(tuple(rows[i] for i in gathered), count)
                 if host_masks is not None:
-                    non_finite[gathered] += _count_non_finite(chunk)
+                    finite = _known_finite(rows, replicas)
+                    non_finite[gathered] += _count_non_finite(chunk, None if finite is None else finite[gathered])
                     if whole and count == num_gradients and all(on_host(piece) for piece in chunk):
                         kept = [None if host_masks[i] is None else masks[i] for i in gathered]
                         outputs.update(zip(gathered, chunk if all(m is None for m in kept) else _masked(chunk, kept)))
@@ -663,16 +666,37 @@ def _store_rows(target, rows, mask):
         np.multiply(values, mask, out=target)
 
 
-def _count_non_finite(pieces):
+def _known_finite(rows, replicas):
+    """The ``finite`` flags of a gradient function's rows (a (variables,) bool NumPy vector: True where they are known
+    to be finite, see :class:`~tf_woodfisher.fisher.rules.GradientRows`), or None: not known (other gradient
+    functions, and several replicas, whose results are per-replica structures)."""
+    finite = getattr(rows, "finite", None) if replicas == 1 else None
+    return None if finite is None else np.asarray(finite, bool)
+
+
+def _count_non_finite(pieces, known_finite=None):
     """The number of NaN or infinite entries of each float32 tensor of ``pieces`` (an int64 NumPy vector).
 
-    One compiled sum per tensor (TensorFlow's, on all cores; a NumPy sum takes 2-3 times as long), counted
-    entry by entry only for a tensor whose sum is not finite, which any NaN or infinity makes it (so does an
-    overflow of the sum: then the exact count is 0). Masking cannot hide one: a NaN or infinity times 0 is NaN.
+    One sum per tensor, counted entry by entry only for a tensor whose sum is not finite, which any NaN or
+    infinity makes it (so does an overflow of the sum: then the exact count is 0). Masking cannot hide one: a NaN
+    or infinity times 0 is NaN. Tensors of at least :data:`HOST_SUM_ELEMENTS` entries are summed in one compiled
+    call (TensorFlow's sums, on all cores), smaller ones by NumPy, which is faster below the call's cost (measured
+    on 2 cores: 2^16 entries 17 µs against 455 µs, 2^22 about equal, 2^25 8.4 ms against 6.6 ms).
+    Tensors that ``known_finite`` (None, or one bool per tensor) marks True are not read: their count is 0.
     """
-    sums = _sums(tuple(pieces)).numpy()
-    return np.array([0 if math.isfinite(total) else int(tf.math.count_nonzero(~tf.math.is_finite(piece)))
-                     for total, piece in zip(sums, pieces)], np.int64)
+    known = [False] * len(pieces) if known_finite is None else [bool(k) for k in known_finite]
+    counts = np.zeros(len(pieces), np.int64)
+    checked = [i for i, k in enumerate(known) if not k]
+    large = [i for i in checked if int(pieces[i].shape.num_elements()) >= HOST_SUM_ELEMENTS]
+    totals = dict(zip(large, _sums(tuple(pieces[i] for i in large)).numpy())) if large else {}
+    for i in checked:
+        total = totals[i] if i in totals else np.asarray(pieces[i]).sum(dtype=np.float32)
+        if not math.isfinite(total):
+            counts[i] = int(tf.math.count_nonzero(~tf.math.is_finite(pieces[i])))
+    return counts
+
+
+HOST_SUM_ELEMENTS = 2 ** 22  # rows with fewer entries are checked for NaN and infinity by NumPy
 
 
 @compat.function(reduce_retracing=True)

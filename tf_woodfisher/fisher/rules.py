@@ -47,7 +47,7 @@ import tensorflow as tf
 from tf_woodfisher import compat
 from tf_woodfisher.fisher.graph_memory import any_chunk, chunk_estimator
 
-__all__ = ["make_rule_gradient_fn", "keeps_samples_apart", "rule_coverage", "RULE_CLASSES"]
+__all__ = ["make_rule_gradient_fn", "keeps_samples_apart", "rule_coverage", "RULE_CLASSES", "GradientRows"]
 
 _LOOP_MIN_GROUP = 2  # groups of ≥ this many samples: per-group native kernel-gradient ops in a loop over groups
 # make_checked_gradient_fn runs its reference eagerly when the checked groups' share of the rules' first call took
@@ -369,6 +369,11 @@ class _Record:
 
 
 class _Rule:
+    """A layer kind's rule: ``forward`` records, per call, the tensors its gradients need; ``gradients`` forms the
+    per-group weight gradients from them. Every entry a rule's ``gradients`` returns must be a sum of products of
+    entries of the float tensors in ``record.saved`` and of ``grads`` (constants of magnitude ≤ 1 aside), each
+    combination of entries at most once: :func:`_finite_certificate` bounds the rows by those operands."""
+
     name = None
     classes = ()  # class names (along the MRO) this rule handles
     call_owners = ()  # names of the classes whose ``call`` the rule reproduces
@@ -1181,6 +1186,63 @@ class _Patches:
 _MISSING = object()
 
 
+class GradientRows(tuple):
+    """A rule gradient function's result: per variable its (g, size) float32 rows, as a tuple.
+
+    Attributes:
+        finite: a (variables,) bool tensor, True where every entry of that variable's rows is known to be finite
+            (:func:`_finite_certificate`), so a collector need not count their NaN and infinite entries; False where
+            that is not known (count them). None: nothing is known.
+    """
+
+    def __new__(cls, rows, finite=None):
+        self = super().__new__(cls, rows)
+        self.finite = finite
+        return self
+
+
+# The certificate proves finite rows when the bound on their entries stays below float32's largest value by this
+# factor (2^-10: rounding in long sums and the transforms of a convolution algorithm)
+_CERTIFIED_MAX = math.log(3.4028234663852886e38) - 10 * math.log(2.0)
+
+
+_CERTIFIED_READS = 2  # operand entries per row entry up to which a layer's rows are certified rather than counted
+
+
+def _float_operands(record, grads):
+    """The float tensors a rule's contractions read for one call: those of ``record.saved`` and the grads."""
+    saved = [t for t in record.saved.values() if isinstance(t, tf.Tensor) and t.dtype.is_floating]
+    return saved + [t for t in grads if t.dtype.is_floating]
+
+
+def _per_group_elements(tensors, group_size):
+    """Σ elements of ``tensors`` per group of ``group_size`` samples, or None when that is not static (a tensor
+    whose shape has another unknown axis than its one axis of g·b samples)."""
+    total = 0
+    for t in tensors:
+        dims = t.shape.as_list() if t.shape.rank is not None else None
+        if dims is None or dims.count(None) > 1:
+            return None
+        known = math.prod(d for d in dims if d is not None)
+        total += known * group_size if None in dims else 0  # a static tensor (a mask) is not per group
+    return total
+
+
+def _finite_certificate(operands, calls):
+    """A bool scalar: True proves that every entry of rows formed by ``calls`` rule calls from ``operands`` is
+    finite.
+
+    An entry is a sum of products of entries of distinct operands, each combination at most once (the contract of
+    :class:`_Rule`), so its magnitude is at most calls · Π_t max(‖t‖₁, 1) ≤ calls · Π_t max(√n_t ‖t‖₂, 1) (n_t
+    entries of t), and so is every partial sum and product along the way. The certificate holds when every ‖t‖₂ is
+    finite (no NaN or infinity in any operand; a square's overflow only withholds it) and that bound, in log
+    space, is below :data:`_CERTIFIED_MAX`. One pass over each operand (``EuclideanNorm``, no temporary).
+    """
+    logs = [tf.math.log(tf.maximum(tf.math.reduce_euclidean_norm(_f32(t))  # ‖t‖₂
+                                   * tf.sqrt(tf.cast(tf.size(t), tf.float32)), 1.0)) for t in operands]
+    return tf.add_n(logs) + math.log(calls) < _CERTIFIED_MAX  # NaN compares False
+
+
 def _flat_samples(t):
     """(g, b, ...) → (g·b, ...), keeping the static inner shape."""
     if t.shape.rank is not None and t.shape[2:].is_fully_defined():
@@ -1206,10 +1268,13 @@ def _default_fallback(model, variables, loss_fn):
 def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
     """Returns gradients(x, y) with x, y (and nested structures) shaped (g, b, ...): g groups of b samples.
 
-    Returns a tuple, one per variable in ``variables``, of float32 tensors (g, variable.size): the flattened
-    gradient of each group's MEAN per-sample loss in inference mode (``model(x, training=False)``), the same
-    as :func:`tf_woodfisher.fisher.gradients.make_gradient_fn`. ``loss_fn(y_true, y_pred)`` returns
-    per-sample losses (n,) (or (n, ...), averaged within the group like the reference).
+    Returns a :class:`GradientRows`, a tuple, one per variable in ``variables``, of float32 tensors (g,
+    variable.size): the flattened gradient of each group's MEAN per-sample loss in inference mode
+    (``model(x, training=False)``), the same as :func:`tf_woodfisher.fisher.gradients.make_gradient_fn`; its
+    ``finite`` flags mark the rule variables whose rows a bound on the layer's inputs and output gradients proves
+    finite (where those hold fewer than :data:`_CERTIFIED_READS` times as many entries per group as the rows).
+    ``loss_fn(y_true, y_pred)`` returns per-sample losses (n,) (or (n, ...), averaged within the group like the
+    reference).
 
     Variables of rule layers come from one batched forward and one batched backward over all g·b samples;
     the others from ``fallback(model, fallback_variables, loss_fn)`` — a function returning a gradient
@@ -1229,7 +1294,7 @@ def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
         group_size = tf.nest.flatten(x)[0].shape[1]
         flat_x, flat_y = tf.nest.map_structure(_flat_samples, (x, y))
         owners, reasons = [None] * len(variables), dict(plan.reasons)
-        rows = [None] * len(variables)
+        rows, finite = [None] * len(variables), {}
         if plan.rule_layers:
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 trace = _Trace(plan, tape)
@@ -1250,20 +1315,23 @@ def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
                 watched = [t for _, record in calls for t in record.watched]
                 grads = [tf.convert_to_tensor(d) for d in
                          tape.gradient(total, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
-                sums, start = {}, 0
+                sums, start, operands, call_count = {}, 0, {}, {}
                 for layer, record in calls:
                     count = len(record.watched)
                     rule = plan.rule_layers[id(layer)][1]
-                    for attr, value in rule.gradients(layer, record, grads[start:start + count], groups,
-                                                            group_size).items():
+                    call_grads = grads[start:start + count]
+                    for attr, value in rule.gradients(layer, record, call_grads, groups, group_size).items():
                         key = (id(layer), attr)
                         sums[key] = value if key not in sums else sums[key] + value
+                    operands.setdefault(id(layer), []).extend(_float_operands(record, call_grads))
+                    call_count[id(layer)] = call_count.get(id(layer), 0) + 1
                     start += count
                 for i, (layer, rule, attr) in used:
                     size = _size(variables[i])
                     value = sums.get((id(layer), attr))
                     rows[i] = tf.zeros([groups, size], tf.float32) if value is None else \
                         tf.reshape(_f32(value), [-1, size])
+                finite = _certified_layers(used, variables, operands, call_count, group_size)
         rest = [i for i, row in enumerate(rows) if row is None]
         if rest:
             fallback_rows = fallback(model, [variables[i] for i in rest], loss_fn)(x, y)
@@ -1272,7 +1340,8 @@ def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
         gradients.coverage = [None if o is None else f"{o[1].name}.{o[2]}" for o in owners]
         gradients.fallback_reasons = {variables[i].name: reasons.get(_key(variables[i]), "fallback")
                                       for i in rest}
-        return tuple(rows)
+        flags = [finite.get(i, False) for i in range(len(variables))]
+        return tuple(rows), tf.stack([tf.constant(f) if isinstance(f, bool) else f for f in flags])
 
     compiled = compat.function(step)
 
@@ -1280,12 +1349,31 @@ def make_rule_gradient_fn(model, variables, loss_fn, fallback=None):
         return compiled.get_concrete_function(*any_chunk(x, y))
 
     def gradients(x, y):
-        return concrete(x, y)(x, y)
+        return GradientRows(*concrete(x, y)(x, y))
 
     gradients.transient_bytes = chunk_estimator(concrete)
     gradients.coverage = None
     gradients.fallback_reasons = None
     return gradients
+
+
+def _certified_layers(used, variables, operands, call_count, group_size):
+    """Per rule variable index, its layer's :func:`_finite_certificate`, where the layer's operands hold fewer
+    than :data:`_CERTIFIED_READS` times as many entries per group as its rows (the certificate, inside the compiled
+    call, then reads about as much as counting the rows would after it, or less); the others are left out (not
+    known finite)."""
+    by_layer = {}
+    for i, (layer, _, _) in used:
+        by_layer.setdefault(id(layer), []).append(i)
+    finite = {}
+    for key, indices in by_layer.items():
+        cost = _per_group_elements(operands.get(key, []), group_size) if group_size else None
+        rows = sum(_size(variables[i]) for i in indices)
+        if not operands.get(key) or cost is None or cost >= _CERTIFIED_READS * rows:
+            continue
+        certificate = _finite_certificate(operands[key], call_count[key])
+        finite.update({i: certificate for i in indices})
+    return finite
 
 
 def rule_coverage(model, variables, inputs=None):

@@ -654,7 +654,8 @@ def test_keras_own_layers_and_losses_skip_the_check_and_anything_else_keeps_it(m
 
 
 @pytest.mark.parametrize("group_size", [1, 3])
-def test_rows_known_finite_are_certified_from_the_layer_operands_and_never_hide_a_non_finite_row(group_size):
+def test_rows_known_finite_are_certified_from_the_layer_operands_and_never_hide_a_non_finite_row(
+        group_size, monkeypatch):
     """GradientRows.finite: the rows of a Dense layer, whose inputs and output gradients hold fewer entries per group
     than its rows, are certified finite (and equal the loop); a convolution's, whose operands hold more, are not (left
     to the count). Rows that overflow to infinity or hold a NaN are never certified, and collect_gradient_columns still
@@ -688,38 +689,35 @@ def test_rows_known_finite_are_certified_from_the_layer_operands_and_never_hide_
                         zip(pieces, [False] * len(pieces) if known_finite is None else known_finite) if not k])
         return original(pieces, known_finite)
 
-    gradients._count_non_finite = counting
-    try:
-        columns = collect(fn, x, y, LOSS)
-        for got, want in zip(columns, rows):
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-        assert counted == [[int(v.shape.num_elements()) * 4 for v in variables if v.name.startswith("conv")]]
+    monkeypatch.setattr(gradients, "_count_non_finite", counting)
+    columns = collect(fn, x, y, LOSS)
+    for got, want in zip(columns, rows):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert counted == [[int(v.shape.num_elements()) * 4 for v in variables if v.name.startswith("conv")]]
 
-        # inputs × 1e4 and the wide kernel × 1e-4: the wide layer's inputs are about 1e4 and its tanh does not
-        # saturate; the loss × 1e36 stays finite (about 1e36), but the wide rows, its inputs ⊗ dz with dz about 1e35,
-        # overflow from finite operands
-        wide = model.get_layer("wide").kernel
-        kept = wide.numpy()
-        wide.assign(kept * 1e-4)
-        scaled = lambda labels, logits: 1e36 * LOSS(labels, logits)  # noqa: E731
-        big = x.numpy() * 1e4
-        scaled_fn = make_rule_gradient_fn(model, variables, scaled)
-        overflowed = scaled_fn(tf.constant(big), y)
-        index = [v.name for v in variables].index(wide.name)
-        assert np.all(np.isfinite(scaled(y[0], model(big[0], training=False)).numpy()))
-        assert not np.all(np.isfinite(overflowed[index].numpy()))
-        assert not np.asarray(overflowed.finite)[index]
-        with pytest.raises(ValueError, match="NaN or infinite gradients in [1-9].*first in wide"):
-            collect(scaled_fn, big, y, scaled)
-        wide.assign(kept)
-        bad = x.numpy().copy()
-        bad[-1, -1, 2, 3] = np.nan
-        nan_rows = fn(tf.constant(bad), y)
-        assert not np.asarray(nan_rows.finite).any()
-        with pytest.raises(ValueError, match="NaN or infinite gradients"):
-            collect(fn, bad, y, LOSS)
-    finally:
-        gradients._count_non_finite = original
+    # inputs × 1e4 and the wide kernel × 1e-4: the wide layer's inputs are about 1e4 and its tanh does not
+    # saturate; the loss × 1e36 stays finite (about 1e36), but the wide rows, its inputs ⊗ dz with dz about 1e35,
+    # overflow from finite operands
+    wide = model.get_layer("wide").kernel
+    kept = wide.numpy()
+    wide.assign(kept * 1e-4)
+    scaled = lambda labels, logits: 1e36 * LOSS(labels, logits)  # noqa: E731
+    big = x.numpy() * 1e4
+    scaled_fn = make_rule_gradient_fn(model, variables, scaled)
+    overflowed = scaled_fn(tf.constant(big), y)
+    index = [v.name for v in variables].index(wide.name)
+    assert np.all(np.isfinite(scaled(y[0], model(big[0], training=False)).numpy()))
+    assert not np.all(np.isfinite(overflowed[index].numpy()))
+    assert not np.asarray(overflowed.finite)[index]
+    with pytest.raises(ValueError, match="NaN or infinite gradients in [1-9].*first in wide"):
+        collect(scaled_fn, big, y, scaled)
+    wide.assign(kept)
+    bad = x.numpy().copy()
+    bad[-1, -1, 2, 3] = np.nan
+    nan_rows = fn(tf.constant(bad), y)
+    assert not np.asarray(nan_rows.finite).any()
+    with pytest.raises(ValueError, match="NaN or infinite gradients"):
+        collect(fn, bad, y, LOSS)
 
 
 def test_finite_certificate_is_the_bound_on_the_operands_norms():

@@ -1203,7 +1203,7 @@ class GradientRows(tuple):
 
 # The certificate proves finite rows when the bound on their entries stays below float32's largest value by this
 # factor (2^-10: rounding in long sums and the transforms of a convolution algorithm)
-_CERTIFIED_MAX = math.log(3.4028234663852886e38) - 10 * math.log(2.0)
+_CERTIFIED_MAX = math.log(tf.float32.max) - 10 * math.log(2.0)
 
 
 _CERTIFIED_READS = 2  # operand entries per row entry up to which a layer's rows are certified rather than counted
